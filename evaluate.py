@@ -1,0 +1,23 @@
+"""Evaluate a checkpoint on the test split for A, V and A+V inputs: python evaluate.py ckpt_path=PATH."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from zorro.config import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from zorro.run import evaluate
+
+    try:
+        evaluate(cfg)
+    except ConfigError as e:
+        print(f"Error in config: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

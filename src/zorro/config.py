@@ -1,0 +1,68 @@
+"""Early, one-line errors for bad configs: unknown keys, wrong scalar types and missing values are caught
+before anything is built, instead of surfacing as a traceback from deep inside a constructor."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_SCALARS = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def _expected_types(annotation) -> tuple[type, ...] | None:
+    """Accepted Python types for a plain scalar annotation (optionally `| None`); None = don't check."""
+    args = typing.get_args(annotation)
+    if annotation in _SCALARS:
+        return _SCALARS[annotation]
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and rest[0] in _SCALARS:
+            return _SCALARS[rest[0]] + (type(None),)
+    return None
+
+
+def check_node(node: DictConfig, path: str) -> None:
+    target = get_object(node._target_)
+    fn = target.__init__ if inspect.isclass(target) else target
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: check names only
+        hints = {}
+    for key in node:
+        if str(key).startswith("_"):
+            continue
+        if key not in params:
+            close = difflib.get_close_matches(str(key), list(params), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}.{key}: {node._target_} has no parameter {key!r}{hint}")
+        value = node._get_node(key)._value() if not OmegaConf.is_interpolation(node, key) else node[key]
+        expected = _expected_types(hints.get(key))
+        if expected and not OmegaConf.is_config(value):
+            if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+                names = "/".join(t.__name__ for t in expected)
+                raise ConfigError(f"{path}.{key}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def check_config(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing value for {', '.join(missing)} (set it on the command line, e.g. {missing[0]}=...)")
+    for path in ("model", "data", "task", "optimizer", "scheduler", "trainer"):
+        node = cfg.get(path)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            try:
+                check_node(node, path)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"{path}._target_: cannot import {node._target_!r} ({e})") from None

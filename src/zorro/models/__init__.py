@@ -1,0 +1,24 @@
+"""Backbones and their parts: plain nn.Modules, keyword-only constructors, no Hydra or Lightning."""
+
+from .routing import GROUPS, MASKINGS, OUTPUTS, Routing, TokenLayout
+from .zorro_vit import ZorroViT, zorro_vit_base, zorro_vit_tiny
+
+# Named variants, like timm's registry: tests are parametrised over it.
+MODELS = {
+    "zorro_vit_base": zorro_vit_base,
+    "zorro_vit_tiny": zorro_vit_tiny,
+}
+
+
+def create_model(name: str, **kwargs):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["GROUPS", "MASKINGS", "OUTPUTS", "Routing", "TokenLayout", "ZorroViT", "MODELS", "create_model",
+           "count_parameters", "zorro_vit_base", "zorro_vit_tiny"]

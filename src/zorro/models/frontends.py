@@ -1,0 +1,85 @@
+"""Device-side input front ends: compact batch tensors (int16 waveform, uint8 frames) -> model inputs.
+
+They run on the accelerator inside the model (DESIGN.md, "The batch contract"), so data-loader workers
+only decode and crop, and the checkpoint carries its own preprocessing constants.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchaudio
+from torch import nn
+
+# Normalisation of the log-mel: AST's AudioSet statistics for 128-bin log-mel, (x - mean) / (2 std).
+# Choice: the Zorro paper does not state its normalisation.
+AUDIO_MEAN, AUDIO_STD = -4.27, 4.57
+# Choice: the paper does not state the video normalisation; ImageNet statistics (as for ViT init).
+VIDEO_MEAN, VIDEO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class AudioFrontend(nn.Module):
+    """Waveform (B x S, int16 or float) -> normalised log-mel (B x 1 x n_mels x frames).
+
+    Paper (appendix B): 48 kHz, 128 mel bins, Hann window. Window/hop lengths are lost in our copies;
+    25 ms / 10 ms as in MBT and AST (choice), so 2.56 s -> 256 frames -> 16 x 8 patches of 16 x 16.
+    In training mode it also applies SpecAugment and frequency jitter (appendix B), which act on the
+    model input like dropout does on activations.
+    """
+
+    def __init__(self, *, sample_rate: int = 48_000, n_mels: int = 128, win_ms: float = 25.0, hop_ms: float = 10.0,
+                 mean: float = AUDIO_MEAN, std: float = AUDIO_STD, spec_augment: bool = True,
+                 freq_mask: int = 24, time_mask: int = 48, num_masks: int = 2, freq_jitter: int = 4):
+        super().__init__()
+        win = round(sample_rate * win_ms / 1000)
+        self.hop = round(sample_rate * hop_ms / 1000)
+        n_fft = 1 << (win - 1).bit_length()
+        self.melspec = torchaudio.transforms.MelSpectrogram(
+            sample_rate=sample_rate, n_fft=n_fft, win_length=win, hop_length=self.hop, n_mels=n_mels,
+            window_fn=torch.hann_window, power=2.0)
+        self.sample_rate, self.n_mels, self.mean, self.std = sample_rate, n_mels, mean, std
+        # SpecAugment sizes: AST uses 48 freq / 192 time bins on 1024-frame inputs; scaled to 2.56 s (choice).
+        self.spec_augment = spec_augment
+        self.num_masks = num_masks
+        self.freq_masking = torchaudio.transforms.FrequencyMasking(freq_mask, iid_masks=True)
+        self.time_masking = torchaudio.transforms.TimeMasking(time_mask, iid_masks=True)
+        self.freq_jitter = freq_jitter  # max |shift| in mel bins; the paper's range is lost (choice)
+
+    def num_frames(self, num_samples: int) -> int:
+        return num_samples // self.hop
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        if wav.dtype == torch.int16:
+            wav = wav.float() / 32768.0
+        with torch.autocast(wav.device.type, enabled=False):  # the FFT wants fp32
+            mel = self.melspec(wav.float())[..., : self.num_frames(wav.shape[-1])]
+            x = ((mel + 1e-6).log() - self.mean) / (2 * self.std)
+        x = x.unsqueeze(1)
+        if self.training and self.spec_augment:
+            x = self.augment(x)
+        return x
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.num_masks):
+            x = self.time_masking(self.freq_masking(x))
+        if self.freq_jitter:
+            # Shift each example by its own integer number of mel bins; vacated bins get the batch mean (0).
+            B, _, F, _ = x.shape
+            shift = torch.randint(-self.freq_jitter, self.freq_jitter + 1, (B, 1, 1, 1), device=x.device)
+            src = torch.arange(F, device=x.device).view(1, 1, F, 1) - shift
+            valid = (src >= 0) & (src < F)
+            x = torch.gather(x, 2, src.clamp(0, F - 1).expand_as(x)) * valid
+        return x
+
+
+class VideoFrontend(nn.Module):
+    """uint8 (or float in [0, 255]) frames B x T x 3 x H x W -> normalised float frames."""
+
+    def __init__(self, *, mean=VIDEO_MEAN, std=VIDEO_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        if video.ndim != 5 or video.shape[2] != 3:
+            raise ValueError(f"video must be B x T x 3 x H x W, got {tuple(video.shape)}")
+        return (video.float() - self.mean) / self.std

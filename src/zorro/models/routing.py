@@ -1,0 +1,140 @@
+"""Masking is routing: the only place that knows which token group reads which (Zorro, section 3.1, eq. 1).
+
+Zorro's masks are block-structured: every token belongs to a group (audio, fusion, video) and a mask only
+ever says "group g may read group h". We keep that as a small table instead of an N x N boolean matrix.
+With the token order [audio | fusion | video], every row of every table below reads one *contiguous*
+slice of the sequence, so each query group's attention is one dense `scaled_dot_product_attention` call
+on a slice: no mask tensor, flash/efficient kernels stay eligible, and the cross-modal blocks that the
+mask would zero are never computed. `Routing.dense_mask` builds the equivalent boolean matrix; the tests
+use it as the reference implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+# Token order. Chosen so that every read set of every masking is a contiguous run of groups.
+GROUPS: tuple[str, ...] = ("audio", "fusion", "video")
+_ALL = GROUPS
+
+# {query group: groups it may read}. A group absent from a table has no tokens under that masking.
+MASKINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    # Zorro (eq. 1): unimodal latents read only their own modality; fusion latents read everything.
+    "zorro": {"audio": ("audio",), "fusion": _ALL, "video": ("video",)},
+    # Two independent streams, no fusion latents (Table 3 "two streams").
+    "two_streams": {"audio": ("audio",), "video": ("video",)},
+    # Vanilla input-level fusion: full attention (Table 3 "input level").
+    "input_level": {"audio": _ALL, "fusion": _ALL, "video": _ALL},
+    # MBT-style bottleneck inside one transformer (Table 3 "bottleneck"): a modality reads itself and
+    # the fusion latents, which read everything. Different from the separate-weights MBT baseline.
+    "bottleneck": {"audio": ("audio", "fusion"), "fusion": _ALL, "video": ("fusion", "video")},
+}
+
+# The output decoder's queries use the same mechanism (section 3.1, "Output space"): audio, video and
+# fusion outputs read only their group; the global output reads every token.
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "audio": ("audio",),
+    "video": ("video",),
+    "fusion": ("fusion",),
+    "global": _ALL,
+}
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Lengths of the token groups in a concatenated sequence, in GROUPS order."""
+
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, **lengths: int) -> "TokenLayout":
+        unknown = set(lengths) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"unknown token groups {sorted(unknown)}; groups are {GROUPS}")
+        return cls(tuple(int(lengths.get(g, 0)) for g in GROUPS))
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    def span(self, group: str) -> tuple[int, int]:
+        i = GROUPS.index(group)
+        start = sum(self.lengths[:i])
+        return start, start + self.lengths[i]
+
+    def present(self) -> list[str]:
+        return [g for g, n in zip(GROUPS, self.lengths) if n > 0]
+
+    def spans(self) -> list[tuple[str, int, int]]:
+        """(group, start, end) of every non-empty group, in sequence order."""
+        return [(g, *self.span(g)) for g in self.present()]
+
+    def key_span(self, groups: Sequence[str]) -> tuple[int, int]:
+        """The slice covering `groups` (absent groups ignored); raises if it is not contiguous."""
+        spans = [self.span(g) for g in groups if g in self.present()]
+        if not spans:
+            return 0, 0
+        start, end = min(s for s, _ in spans), max(e for _, e in spans)
+        if sum(e - s for s, e in spans) != end - start:
+            raise ValueError(f"groups {tuple(groups)} are not contiguous in token order {GROUPS}")
+        return start, end
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Who reads whom, for the self-attention of one masking (plus the layer where fusion joins)."""
+
+    reads: Mapping[str, tuple[str, ...]]
+    name: str = "custom"
+
+    @classmethod
+    def from_masking(cls, masking: str) -> "Routing":
+        if masking not in MASKINGS:
+            raise ValueError(f"unknown masking {masking!r}; choose one of {sorted(MASKINGS)}")
+        return cls(reads=MASKINGS[masking], name=masking)
+
+    def __post_init__(self):
+        for q, keys in self.reads.items():
+            if q not in GROUPS or any(k not in GROUPS for k in keys):
+                raise ValueError(f"routing row {q!r}: {keys!r} names a group outside {GROUPS}")
+            if q not in keys:
+                raise ValueError(f"group {q!r} must read itself")
+            TokenLayout.of(**{g: 1 for g in GROUPS}).key_span(keys)  # contiguity check
+
+    @property
+    def has_fusion(self) -> bool:
+        return "fusion" in self.reads
+
+    def attention_calls(self, layout: TokenLayout) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """[(query slice, key slice)] covering every token once, in sequence order.
+
+        Adjacent query groups that read the same key slice share one call (input_level: a single call).
+        """
+        calls: list[tuple[tuple[int, int], tuple[int, int]]] = []
+        for group, start, end in layout.spans():
+            if group not in self.reads:
+                raise ValueError(f"masking {self.name!r} has no {group!r} tokens, but the input has {end - start}")
+            keys = layout.key_span(self.reads[group])
+            if calls and calls[-1][1] == keys and calls[-1][0][1] == start:
+                calls[-1] = ((calls[-1][0][0], end), keys)
+            else:
+                calls.append(((start, end), keys))
+        return calls
+
+    def dense_mask(self, layout: TokenLayout):
+        """The equivalent N x N boolean mask (True = may attend); the reference the tests compare with."""
+        import torch
+
+        mask = torch.zeros(layout.total, layout.total, dtype=torch.bool)
+        for group, start, end in layout.spans():
+            for key_group in self.reads[group]:
+                ks, ke = layout.span(key_group)
+                mask[start:end, ks:ke] = True
+        return mask
+
+
+def output_names(routing: Routing, present: Sequence[str] = GROUPS) -> tuple[str, ...]:
+    """Outputs a backbone can produce: those whose read set has tokens (two_streams has no fusion output)."""
+    groups = [g for g in present if g in routing.reads]
+    return tuple(name for name, reads in OUTPUTS.items() if any(g in groups for g in reads))

@@ -1,0 +1,171 @@
+"""Zorro-ViT (Recasens et al. 2023, section 3.1 and appendix A), readable top to bottom.
+
+audio waveform -> log-mel -> 16x16 patches -> + learned positions ┐
+                                        learned fusion latents     ├─ [audio | fusion | video] tokens
+video frames -> normalise -> 16x16 patches per frame -> + positions┘
+    -> depth x Block (self-attention routed by the masking, see routing.py)
+    -> OutputDecoder: 4 learned queries -> {"audio", "video", "fusion", "global"} (B x dim each)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .frontends import AudioFrontend, VideoFrontend
+from .layers import Block, Groupwise, OutputDecoder, PatchEmbed, resample_pos_embed
+from .routing import GROUPS, Routing, TokenLayout, output_names
+
+MISSING_MODALITY = ("zeros", "drop")
+
+
+class ZorroViT(nn.Module):
+    """Zorro-ViT. Defaults are the paper's ViT-B/16 configuration (98M parameters).
+
+    Args (all keyword-only):
+        masking: one of routing.MASKINGS (zorro, two_streams, input_level, bottleneck).
+        fusion_level: layer at which the fusion latents join (appendix C); 0 = from the start.
+        separate_weights: per-group LayerNorm/QKV/MLP weights (paper: 98M -> 267M).
+        num_frames, image_size, audio_seconds, n_mels, sample_rate: the configured input; position
+            embeddings are learned for it and interpolated for other input sizes.
+        missing_modality: "zeros" (paper: a missing modality's input is zeroed, every stream runs) or
+            "drop" (fast path: the absent modality's tokens are left out; the fusion and global outputs
+            then differ from the paper's, the unimodal output of the present modality is identical under
+            zorro/two_streams).
+    """
+
+    def __init__(self, *, dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 patch_size: int = 16, num_fusion: int = 6, masking: str = "zorro", fusion_level: int = 0,
+                 separate_weights: bool = False, qkv_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, num_frames: int = 8,
+                 image_size: int = 224, sample_rate: int = 48_000, n_mels: int = 128, audio_seconds: float = 2.56,
+                 spec_augment: bool = True, missing_modality: str = "zeros"):
+        super().__init__()
+        self.routing = Routing.from_masking(masking)
+        if missing_modality not in MISSING_MODALITY:
+            raise ValueError(f"missing_modality must be one of {MISSING_MODALITY}, got {missing_modality!r}")
+        if not 0 <= fusion_level < depth:
+            raise ValueError(f"fusion_level must be in [0, depth={depth}), got {fusion_level}")
+        if self.routing.has_fusion and num_fusion < 1:
+            raise ValueError(f"masking {masking!r} needs fusion latents (num_fusion >= 1)")
+        self.missing_modality = missing_modality
+        self.fusion_level = fusion_level
+        self.num_fusion = num_fusion if self.routing.has_fusion else 0
+        self.output_dim = dim
+        self.output_names = output_names(self.routing)
+
+        self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment)
+        self.video_frontend = VideoFrontend()
+        self.audio_embed = PatchEmbed(in_chans=1, dim=dim, patch_size=patch_size)
+        self.video_embed = PatchEmbed(in_chans=3, dim=dim, patch_size=patch_size)
+        audio_frames = self.audio_frontend.num_frames(round(audio_seconds * sample_rate))
+        audio_frames -= audio_frames % patch_size
+        self.audio_grid = self.audio_embed.grid(n_mels, audio_frames)
+        self.video_grid = (num_frames, *self.video_embed.grid(image_size, image_size))
+        self.audio_pos = nn.Parameter(torch.zeros(1, math.prod(self.audio_grid), dim))
+        self.video_pos = nn.Parameter(torch.zeros(1, math.prod(self.video_grid), dim))
+        self.fusion_latents = nn.Parameter(torch.zeros(1, self.num_fusion, dim)) if self.num_fusion else None
+
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], separate_weights=separate_weights)
+            for i in range(depth))
+        self.norm = Groupwise(lambda: nn.LayerNorm(dim), separate=separate_weights)
+        self.decoder = OutputDecoder(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, names=self.output_names)
+        self.apply(_init_weights)
+        for p in (self.audio_pos, self.video_pos, self.fusion_latents):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    # -- inputs ------------------------------------------------------------------------------------------
+    def embed_audio(self, audio: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if audio is None:  # zero input, as the paper does for a missing modality
+            spec = self.audio_pos.new_zeros(batch, 1, self.audio_grid[0] * self.audio_embed.patch_size,
+                                            self.audio_grid[1] * self.audio_embed.patch_size)
+        else:
+            spec = self.audio_frontend(audio)
+            spec = spec[..., : spec.shape[-1] // self.audio_embed.patch_size * self.audio_embed.patch_size]
+            if present is not None:
+                spec = spec * present.view(-1, 1, 1, 1).to(spec.dtype)
+        grid = self.audio_embed.grid(*spec.shape[-2:])
+        return self.audio_embed(spec) + resample_pos_embed(self.audio_pos, self.audio_grid, grid)
+
+    def embed_video(self, video: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if video is None:
+            T, h, w = self.video_grid
+            p = self.video_embed.patch_size
+            frames = self.video_pos.new_zeros(batch, T, 3, h * p, w * p)
+        else:
+            frames = self.video_frontend(video)
+            if present is not None:
+                frames = frames * present.view(-1, 1, 1, 1, 1).to(frames.dtype)
+        B, T = frames.shape[:2]
+        grid = (T, *self.video_embed.grid(*frames.shape[-2:]))
+        tokens = self.video_embed(frames.flatten(0, 1)).reshape(B, -1, self.video_pos.shape[-1])
+        return tokens + resample_pos_embed(self.video_pos, self.video_grid, grid)
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
+                has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """audio: B x S waveform (int16/float); video: B x T x 3 x H x W (uint8/float in [0, 255]).
+
+        has_audio / has_video (B bool): per-sample presence; absent samples get a zero input.
+        Returns {output name: B x dim}; outputs that read no tokens are omitted.
+        """
+        if audio is None and video is None:
+            raise ValueError("ZorroViT needs at least one of audio / video")
+        batch = (audio if audio is not None else video).shape[0]
+        tokens: dict[str, torch.Tensor] = {}
+        if audio is not None or self.missing_modality == "zeros":
+            tokens["audio"] = self.embed_audio(audio, has_audio, batch)
+        if video is not None or self.missing_modality == "zeros":
+            tokens["video"] = self.embed_video(video, has_video, batch)
+        fusion = self.fusion_latents.expand(batch, -1, -1) if self.fusion_latents is not None else None
+        if fusion is not None and self.fusion_level == 0:
+            tokens["fusion"] = fusion
+
+        x, layout = _concat(tokens)
+        for i, block in enumerate(self.blocks):
+            if fusion is not None and i == self.fusion_level and i > 0:  # appendix C: fusion joins at layer k
+                x, layout = _concat({**_split(x, layout), "fusion": fusion})
+            x = block(x, layout, self.routing)
+        return self.decoder(self.norm(x, layout), layout)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"audio_pos", "video_pos", "fusion_latents", "decoder.queries"}
+
+
+def _concat(tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, TokenLayout]:
+    parts = [tokens[g] for g in GROUPS if g in tokens]
+    layout = TokenLayout.of(**{g: t.shape[1] for g, t in tokens.items()})
+    return torch.cat(parts, dim=1), layout
+
+
+def _split(x: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
+    return {g: x[:, s:e] for g, s, e in layout.spans()}
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# -- named variants (timm-style factories; the Hydra configs in conf/model/ mirror them) -------------------
+def zorro_vit_base(**kwargs) -> ZorroViT:
+    """The paper's Zorro-ViT: ViT-B/16, 6 fusion latents, 8 x 224^2 frames, 2.56 s of 48 kHz audio."""
+    return ZorroViT(**kwargs)
+
+
+def zorro_vit_tiny(**kwargs) -> ZorroViT:
+    """A CPU-sized variant for tests and demos (same code path, smaller width/depth/input)."""
+    cfg = dict(dim=64, depth=4, num_heads=4, num_fusion=6, num_frames=4, image_size=64,
+               sample_rate=16_000, n_mels=64, audio_seconds=1.28)
+    return ZorroViT(**{**cfg, **kwargs})

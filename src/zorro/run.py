@@ -1,0 +1,140 @@
+"""What train.py and evaluate.py do, as functions of a composed Hydra config (so tests can call them)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .config import check_config
+from .models import count_parameters
+from .tasks import EVAL_INPUTS
+
+log = logging.getLogger("zorro")
+
+
+def _fill_run_names(cfg: DictConfig) -> None:
+    """W&B run name from the command-line overrides, group from the sweep directory under -m."""
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    with open_dict(cfg):
+        if not cfg.get("run_name"):
+            cfg.run_name = hc.job.override_dirname or "default"
+        if not cfg.get("group") and hc.mode == RunMode.MULTIRUN:
+            cfg.group = Path(hc.sweep.dir).name
+
+
+def build(cfg: DictConfig):
+    """Instantiate (datamodule, task, trainer) from a composed config."""
+    check_config(cfg)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    backbone = instantiate(cfg.model)
+    log.info("backbone %s (masking=%s): %.2fM parameters", type(backbone).__name__,
+             getattr(getattr(backbone, "routing", None), "name", "-"), count_parameters(backbone) / 1e6)
+    if cfg.get("compile"):
+        backbone.compile()
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    task = instantiate(cfg.task, backbone=backbone, dataset=datamodule.info, optimizer=instantiate(cfg.optimizer),
+                       scheduler=scheduler)
+    task.run_config = OmegaConf.to_container(cfg, resolve=True)  # saved in checkpoints for evaluate.py
+
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    callbacks = []
+    for name, c in (cfg.get("callbacks") or {}).items():
+        if not c or "_target_" not in c:
+            continue
+        if name == "lr_monitor" and not loggers:  # LearningRateMonitor refuses to run without a logger
+            continue
+        callbacks.append(instantiate(c))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                          enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks))
+    return datamodule, task, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    _fill_run_names(cfg)
+    datamodule, task, trainer = build(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(task.run_config)
+    if cfg.get("train", True):
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = _scalars(trainer.callback_metrics)
+    if cfg.get("test", True) and datamodule.has_split("test") and not trainer.fast_dev_run:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        metrics.update(_scalars(trainer.callback_metrics))
+        _report(metrics, "test")
+    out = Path(cfg.paths.output_dir) if cfg.get("paths") else None
+    if out is not None and out.is_dir():
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        log.info("run directory: %s", out)
+    if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
+        log.info("best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
+    return metrics
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test-set metrics of a checkpoint for A, V and A+V inputs; printed as a table, saved as metrics.json."""
+    check_config(cfg, required=("ckpt_path",))
+    ckpt = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
+    if "zorro_config" not in ckpt:
+        raise ValueError(f"{cfg.ckpt_path} has no saved run config; was it written by train.py?")
+    run = OmegaConf.create(ckpt["zorro_config"])
+    run.data = OmegaConf.merge(run.data, cfg.get("data") or {})
+    run.trainer = cfg.trainer
+    if "eval_inputs" in run.task:
+        run.task.eval_inputs = list(cfg.eval_inputs)
+    run.logger, run.callbacks = None, None
+    with open_dict(run):
+        run.paths = cfg.paths
+    datamodule, task, trainer = build(run)
+    split = cfg.get("split", "test")
+    if not datamodule.has_split(split):
+        raise ValueError(f"the data has no {split!r} split")
+    run_eval = trainer.test if split == "test" else trainer.validate
+    run_eval(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
+    metrics = _scalars(trainer.callback_metrics)
+    _report(metrics, "test" if split == "test" else "val")
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    log.info("metrics written to %s", out / "metrics.json")
+    return metrics
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if torch.as_tensor(v).numel() == 1}
+
+
+def metric_table(metrics: dict[str, float], stage: str) -> str:
+    """Rows: outputs (and their average); columns: V / A / A+V inputs (the paper's Table 3 layout)."""
+    cells: dict[tuple[str, str], dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[0] == stage and parts[1] in EVAL_INPUTS:
+            cells.setdefault((parts[2], parts[3]), {})[parts[1]] = value
+    if not cells:
+        return ""
+    columns = [("video", "V"), ("audio", "A"), ("audio_video", "A+V")]
+    lines = [f"{'output':<10} {'metric':<6} " + " ".join(f"{c:>7}" for _, c in columns)]
+    order = {"audio": 0, "video": 1, "fusion": 2, "global": 3, "avg": 4}
+    for (name, metric), row in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+        values = " ".join(f"{100 * row[c]:7.1f}" if c in row else f"{'-':>7}" for c, _ in columns)
+        lines.append(f"{name:<10} {metric:<6} {values}")
+    return "\n".join(lines)
+
+
+def _report(metrics: dict[str, float], stage: str) -> None:
+    table = metric_table(metrics, stage)
+    if table:
+        print(f"\n{stage} metrics (%), by output and input modalities:\n{table}\n", flush=True)

@@ -1,0 +1,8 @@
+"""LightningModules. Model-agnostic: they only see the backbone's output dict."""
+
+from .base import EVAL_INPUTS, BaseTask, cosine_with_warmup, modality_flags
+from .contrastive import ContrastiveTask, nce_loss
+from .supervised import SupervisedTask
+
+__all__ = ["EVAL_INPUTS", "BaseTask", "ContrastiveTask", "SupervisedTask", "cosine_with_warmup",
+           "modality_flags", "nce_loss"]

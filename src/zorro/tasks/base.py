@@ -1,0 +1,92 @@
+"""What every task shares: running a backbone on a contract batch, optimiser groups, the LR schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+# Evaluation input settings (Table 3: V / A / A+V): the other modality's input is zeroed, as in the paper.
+EVAL_INPUTS = ("audio_video", "audio", "video")
+
+
+def modality_flags(batch: dict, inputs: str = "audio_video") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample has_audio / has_video for `inputs`, from the batch's flags (all True when absent)."""
+    if inputs not in EVAL_INPUTS:
+        raise ValueError(f"inputs must be one of {EVAL_INPUTS}, got {inputs!r}")
+    ref = batch["audio"] if batch.get("audio") is not None else batch["video"]
+    ones = torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)
+    has_audio = batch.get("has_audio", ones if batch.get("audio") is not None else ~ones)
+    has_video = batch.get("has_video", ones if batch.get("video") is not None else ~ones)
+    if inputs == "audio":
+        has_video = torch.zeros_like(has_video)
+    elif inputs == "video":
+        has_audio = torch.zeros_like(has_audio)
+    return has_audio.bool(), has_video.bool()
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
+                       warmup_fraction: float = 0.0, min_lr_ratio: float = 0.0):
+    """Linear warm-up then cosine decay (paper: "cosine decay ... linear warmup"), stepped every step."""
+    warmup = max(warmup_steps, int(warmup_fraction * total_steps))
+    warmup = min(warmup, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def param_groups(module: nn.Module, weight_decay: float, skip: set[str] = frozenset()) -> list[dict]:
+    """No weight decay on biases, norms, position embeddings and learned latents/queries (ViT practice)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or any(name == s or name.endswith("." + s) for s in skip) or name.endswith("_pos"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class BaseTask(pl.LightningModule):
+    """Holds a backbone (any nn.Module returning {output name: B x D}) and the optimisation recipe."""
+
+    def __init__(self, *, backbone: nn.Module, optimizer: Callable, scheduler: Callable | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+    def forward(self, batch: dict, inputs: str = "audio_video") -> dict[str, torch.Tensor]:
+        has_audio, has_video = modality_flags(batch, inputs)
+        return self.backbone(audio=batch.get("audio"), video=batch.get("video"),
+                             has_audio=has_audio, has_video=has_video)
+
+    def configure_optimizers(self):
+        skip = set()
+        if hasattr(self.backbone, "no_weight_decay"):
+            skip = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        wd = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(param_groups(self, wd, skip))
+        if self.scheduler_factory is None:
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("the LR schedule needs a finite number of steps: set trainer.max_steps or max_epochs")
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # The resolved Hydra config travels in every checkpoint, so evaluate.py can rebuild the run from it.
+    run_config: dict | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["zorro_config"] = self.run_config

@@ -1,0 +1,134 @@
+"""Contrastive audio-visual pre-training (Zorro section 3.3, eqs. 2 and 3)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import BaseTask, modality_flags
+
+# eq. 2: audio-video only; eq. 3: + audio-fusion + video-fusion (third projector for the fusion output).
+PAIRS = {"eq2": (("audio", "video"),), "eq3": (("audio", "video"), ("audio", "fusion"), ("video", "fusion"))}
+
+
+class Projector(nn.Module):
+    """MLP then L2 normalisation (appendix B). Hidden width is lost in our copies (choice: in the config)."""
+
+    def __init__(self, *, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=-1)
+
+
+def nce_loss(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float, normalizer: str = "joint") -> torch.Tensor:
+    """NCE between paired embeddings (rows i of z1 and z2 are positives).
+
+    "joint" is eq. 2 as printed: -mean_i log( sim(z1_i, z2_i) / sum_{j,k} sim(z1_k, z2_j) ), one normaliser
+    over the whole batch matrix. "symmetric" is the usual InfoNCE (CLIP/MMV): softmax over each row and
+    each column, averaged.
+    """
+    logits = z1 @ z2.t() / temperature
+    if normalizer == "joint":
+        return -(logits.diagonal() - torch.logsumexp(logits.flatten(), 0)).mean()
+    if normalizer == "symmetric":
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    raise ValueError(f"normalizer must be 'joint' or 'symmetric', got {normalizer!r}")
+
+
+def retrieval_recall(query: torch.Tensor, gallery: torch.Tensor, ks=(1, 5, 10)) -> dict[str, torch.Tensor]:
+    """Recall@k of retrieving gallery[i] for query[i] by cosine similarity."""
+    sims = query @ gallery.t()
+    rank = (sims > sims.diagonal().unsqueeze(1)).sum(1)  # how many items beat the true match
+    return {f"R@{k}": (rank < k).float().mean() for k in ks if k <= gallery.shape[0]}
+
+
+class ContrastiveTask(BaseTask):
+    """Projectors per output + NCE. Negatives come from every device: embeddings are gathered with
+    gradients (`all_gather(sync_grads=True)`) and each rank computes the global loss; with DDP's gradient
+    averaging this gives exactly the gradient of the global-batch loss."""
+
+    def __init__(self, *, backbone: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
+                 loss: str = "eq3", temperature: float = 0.05, normalizer: str = "joint",
+                 projector_hidden_dim: int = 2048, projector_dim: int = 512, dataset=None):
+        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler)
+        if loss not in PAIRS:
+            raise ValueError(f"loss must be one of {sorted(PAIRS)}, got {loss!r}")
+        self.pairs = PAIRS[loss]
+        needed = {n for pair in self.pairs for n in pair}
+        missing = needed - set(backbone.output_names)
+        if missing:
+            raise ValueError(f"loss {loss!r} needs outputs {sorted(missing)}, which this backbone/masking lacks "
+                             f"(it has {list(backbone.output_names)}); use loss=eq2")
+        self.temperature, self.normalizer = temperature, normalizer
+        self.projectors = nn.ModuleDict({
+            n: Projector(in_dim=backbone.output_dim, hidden_dim=projector_hidden_dim, out_dim=projector_dim)
+            for n in sorted(needed)})
+        self._eval_embeddings: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
+
+    def embed(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Projected embeddings and the mask of samples with both modalities (pairs need both)."""
+        outputs = self(batch)
+        has_audio, has_video = modality_flags(batch)
+        return {n: p(outputs[n]) for n, p in self.projectors.items()}, has_audio & has_video
+
+    def _gather(self, x: torch.Tensor, sync_grads: bool) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=sync_grads).flatten(0, 1)
+
+    def contrastive_loss(self, z: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        valid = self._gather(valid, sync_grads=False)
+        z = {n: self._gather(e, sync_grads=True)[valid] for n, e in z.items()}
+        return {f"{a}_{b}": nce_loss(z[a], z[b], temperature=self.temperature, normalizer=self.normalizer)
+                for a, b in self.pairs}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        z, valid = self.embed(batch)
+        losses = self.contrastive_loss(z, valid)
+        loss = sum(losses.values())
+        bs = valid.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/nce_{k}": v for k, v in losses.items()}, batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: dict) -> None:
+        z, valid = self.embed(batch)
+        self._eval_embeddings.append(({n: e.float() for n, e in z.items()}, valid))
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        if not self._eval_embeddings:
+            return
+        z = {n: torch.cat([e[n] for e, _ in self._eval_embeddings]) for n in self._eval_embeddings[0][0]}
+        valid = torch.cat([v for _, v in self._eval_embeddings])
+        self._eval_embeddings.clear()
+        valid = self._gather(valid, sync_grads=False)  # retrieval over the whole evaluation set
+        z = {n: self._gather(e, sync_grads=False)[valid] for n, e in z.items()}
+        if z["audio"].shape[0] < 2:
+            return
+        values = {f"{stage}/nce_{a}_{b}": nce_loss(z[a], z[b], temperature=self.temperature,
+                                                  normalizer=self.normalizer) for a, b in self.pairs}
+        values[f"{stage}/loss"] = sum(values.values())
+        a2v, v2a = retrieval_recall(z["audio"], z["video"]), retrieval_recall(z["video"], z["audio"])
+        values.update({f"{stage}/a2v_{k}": v for k, v in a2v.items()})
+        values.update({f"{stage}/v2a_{k}": v for k, v in v2a.items()})
+        values[f"{stage}/score"] = (a2v["R@1"] + v2a["R@1"]) / 2
+        self.log_dict(values, sync_dist=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")

@@ -1,0 +1,148 @@
+"""Supervised classification (Zorro section 3.1 / appendix B): one linear head per output, predictions averaged."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
+
+from ..data.info import DatasetInfo
+from .base import EVAL_INPUTS, BaseTask, modality_flags
+
+# Which input a head depends on: its loss is skipped for samples that lack that modality (paper 4.4).
+HEAD_NEEDS = {"audio": "has_audio", "video": "has_video"}
+
+
+class SupervisedTask(BaseTask):
+    """Softmax cross-entropy (single-label) or sigmoid BCE (multi-label), decided by `dataset.multi_label`.
+
+    mixup_alpha: one lambda ~ Beta(alpha, alpha) per batch, shared by all outputs (paper: alpha 0.3 on
+    AudioSet fine-tuning; "a single mixup value ... the best configuration"). Inputs are mixed as
+    waveforms and frames, targets as (smoothed) label vectors.
+    """
+
+    def __init__(self, *, backbone: nn.Module, dataset: DatasetInfo, optimizer: Callable,
+                 scheduler: Callable | None = None, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
+                 eval_inputs: Sequence[str] = EVAL_INPUTS):
+        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler)
+        if not set(eval_inputs) <= set(EVAL_INPUTS):
+            raise ValueError(f"eval_inputs must be a subset of {EVAL_INPUTS}, got {list(eval_inputs)}")
+        self.dataset = dataset
+        self.label_smoothing, self.mixup_alpha = label_smoothing, mixup_alpha
+        self.eval_inputs = tuple(eval_inputs)
+        self.output_names = tuple(backbone.output_names)
+        self.heads = nn.ModuleDict({n: nn.Linear(backbone.output_dim, dataset.num_classes) for n in self.output_names})
+        names = (*self.output_names, "avg")
+        self.metric_name = "mAP" if dataset.multi_label else "top1"
+        self.val_metrics = nn.ModuleDict({f"{i}-{n}": self._metrics() for i in self.eval_inputs for n in names})
+        self.test_metrics = nn.ModuleDict({f"{i}-{n}": self._metrics() for i in self.eval_inputs for n in names})
+
+    def _metrics(self) -> MetricCollection:
+        C = self.dataset.num_classes
+        if self.dataset.multi_label:
+            return MetricCollection({"mAP": MultilabelAveragePrecision(num_labels=C, average="macro")})
+        metrics = {"top1": MulticlassAccuracy(num_classes=C, top_k=1, average="micro")}
+        if C > 5:
+            metrics["top5"] = MulticlassAccuracy(num_classes=C, top_k=5, average="micro")
+        return MetricCollection(metrics)
+
+    # -- targets and losses ------------------------------------------------------------------------------
+    def soft_targets(self, label: torch.Tensor) -> torch.Tensor:
+        C, eps = self.dataset.num_classes, self.label_smoothing
+        if self.dataset.multi_label:
+            return label.float() * (1 - eps) + eps / 2
+        return F.one_hot(label.long(), C).float() * (1 - eps) + eps / C
+
+    def head_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss (B,)."""
+        if self.dataset.multi_label:
+            return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean(-1)
+        return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().sigmoid() if self.dataset.multi_label else logits.float().softmax(-1)
+
+    def mixup(self, batch: dict, target: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
+        perm = torch.randperm(target.shape[0], device=target.device)
+        mixed = dict(batch)
+        for key in ("audio", "video"):
+            if batch.get(key) is not None:
+                x = batch[key].float()
+                mixed[key] = lam * x + (1 - lam) * x[perm]
+        for key in ("has_audio", "has_video"):
+            if key in batch:
+                mixed[key] = batch[key] | batch[key][perm]
+        return mixed, lam * target + (1 - lam) * target[perm]
+
+    def losses(self, outputs: dict, target: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        flags = dict(zip(("has_audio", "has_video"), modality_flags(batch)))
+        losses = {}
+        for name in self.output_names:
+            if name not in outputs:
+                continue
+            per_sample = self.head_loss(self.heads[name](outputs[name]), target)
+            weight = flags[HEAD_NEEDS[name]].float() if name in HEAD_NEEDS else torch.ones_like(per_sample)
+            losses[name] = (per_sample * weight).sum() / weight.sum().clamp(min=1)
+        return losses
+
+    # -- steps -------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        target = self.soft_targets(batch["label"])
+        if self.mixup_alpha > 0:
+            batch, target = self.mixup(batch, target)
+        losses = self.losses(self(batch), target, batch)
+        loss = torch.stack(list(losses.values())).mean()
+        bs = target.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/loss_{n}": l for n, l in losses.items()}, batch_size=bs)
+        return loss
+
+    def predict_probs(self, batch: dict, inputs: str = "audio_video") -> dict[str, torch.Tensor]:
+        """{head: B x C probabilities} plus "avg", the paper's averaged prediction."""
+        outputs = self(batch, inputs)
+        probs = {n: self.probabilities(self.heads[n](outputs[n])) for n in self.output_names if n in outputs}
+        probs["avg"] = torch.stack(list(probs.values())).mean(0)
+        return probs
+
+    def _eval_step(self, batch: dict, metrics: nn.ModuleDict, stage: str) -> None:
+        label = batch["label"].long()
+        for inputs in self.eval_inputs:
+            probs = self.predict_probs(batch, inputs)
+            for name, p in probs.items():
+                metrics[f"{inputs}-{name}"].update(p, label)
+        if "audio_video" in self.eval_inputs:
+            target = self.soft_targets(batch["label"])
+            losses = self.losses(self(batch), target, batch)
+            self.log(f"{stage}/loss", torch.stack(list(losses.values())).mean(), batch_size=label.shape[0],
+                     sync_dist=True)
+
+    def _eval_epoch_end(self, metrics: nn.ModuleDict, stage: str) -> None:
+        values = {}
+        for key, collection in metrics.items():
+            if not collection[self.metric_name].update_called:
+                continue
+            inputs, name = key.split("-")
+            for metric, value in collection.compute().items():  # torchmetrics syncs across processes
+                values[f"{stage}/{inputs}/{name}/{metric}"] = value
+            collection.reset()
+        primary = f"{stage}/{self.eval_inputs[0]}/avg/{self.metric_name}"
+        if primary in values:
+            values[f"{stage}/score"] = values[primary]  # what checkpointing monitors
+        self.log_dict(values, sync_dist=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.val_metrics, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.test_metrics, "test")

@@ -1,0 +1,24 @@
+"""Train a model: python train.py [model=...] [masking=...] [task=...] [data=...] [trainer=...] (see conf/train.yaml)."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from zorro.config import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from zorro.run import train  # imported here so --help and config errors stay fast
+
+    try:
+        metrics = train(cfg)
+    except ConfigError as e:
+        print(f"Error in config: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    return metrics.get("val/score")  # the value a Hydra sweeper optimises
+
+
+if __name__ == "__main__":
+    main()
