@@ -28,7 +28,8 @@ class AudioFrontend(nn.Module):
 
     def __init__(self, *, sample_rate: int = 48_000, n_mels: int = 128, win_ms: float = 25.0, hop_ms: float = 10.0,
                  mean: float = AUDIO_MEAN, std: float = AUDIO_STD, spec_augment: bool = True,
-                 freq_mask: int = 24, time_mask: int = 48, num_masks: int = 2, freq_jitter: int = 4):
+                 freq_mask: int | None = None, time_mask: int | None = None, num_masks: int = 2,
+                 freq_jitter: int = 4, clip_seconds: float = 2.56):
         super().__init__()
         win = round(sample_rate * win_ms / 1000)
         self.hop = round(sample_rate * hop_ms / 1000)
@@ -37,7 +38,10 @@ class AudioFrontend(nn.Module):
             sample_rate=sample_rate, n_fft=n_fft, win_length=win, hop_length=self.hop, n_mels=n_mels,
             window_fn=torch.hann_window, power=2.0)
         self.sample_rate, self.n_mels, self.mean, self.std = sample_rate, n_mels, mean, std
-        # SpecAugment sizes: AST uses 48 freq / 192 time bins on 1024-frame inputs; scaled to 2.56 s (choice).
+        # SpecAugment mask sizes (choice): AST's 48 of 128 mel bins and 192 of 1024 frames, halved because we
+        # apply two masks of each kind; scaled to other input sizes.
+        freq_mask = round(24 * n_mels / 128) if freq_mask is None else freq_mask
+        time_mask = round(96 * clip_seconds / 10.24) if time_mask is None else time_mask
         self.spec_augment = spec_augment
         self.num_masks = num_masks
         self.freq_masking = torchaudio.transforms.FrequencyMasking(freq_mask, iid_masks=True)

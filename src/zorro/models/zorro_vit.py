@@ -56,7 +56,8 @@ class ZorroViT(nn.Module):
         self.output_dim = dim
         self.output_names = output_names(self.routing)
 
-        self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment)
+        self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
+                                            clip_seconds=audio_seconds)
         self.video_frontend = VideoFrontend()
         self.audio_embed = PatchEmbed(in_chans=1, dim=dim, patch_size=patch_size)
         self.video_embed = PatchEmbed(in_chans=3, dim=dim, patch_size=patch_size)
@@ -68,7 +69,7 @@ class ZorroViT(nn.Module):
         self.video_pos = nn.Parameter(torch.zeros(1, math.prod(self.video_grid), dim))
         self.fusion_latents = nn.Parameter(torch.zeros(1, self.num_fusion, dim)) if self.num_fusion else None
 
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rises linearly
         self.blocks = nn.ModuleList(
             Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
                   attn_drop=attn_drop_rate, drop_path=dpr[i], separate_weights=separate_weights)

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from zorro.models.routing import GROUPS, MASKINGS, OUTPUTS, Routing, TokenLayout, output_names
+
+LAYOUT = TokenLayout.of(audio=5, fusion=2, video=7)
+
+
+@pytest.mark.parametrize("masking", sorted(MASKINGS))
+def test_attention_calls_cover_every_query_once_and_match_the_table(masking):
+    routing = Routing.from_masking(masking)
+    layout = LAYOUT if routing.has_fusion else TokenLayout.of(audio=5, video=7)
+    calls = routing.attention_calls(layout)
+    covered = [i for (qs, qe), _ in calls for i in range(qs, qe)]
+    assert covered == list(range(layout.total))
+    mask = routing.dense_mask(layout)
+    for (qs, qe), (ks, ke) in calls:  # each call's key slice is exactly what the dense mask allows
+        expected = torch.zeros(layout.total, dtype=torch.bool)
+        expected[ks:ke] = True
+        for q in range(qs, qe):
+            assert torch.equal(mask[q], expected)
+
+
+def test_input_level_is_one_dense_call_and_zorro_three():
+    assert len(Routing.from_masking("input_level").attention_calls(LAYOUT)) == 1
+    assert len(Routing.from_masking("zorro").attention_calls(LAYOUT)) == 3
+
+
+def test_zorro_mask_is_eq1():
+    mask = Routing.from_masking("zorro").dense_mask(LAYOUT)
+    a, f, v = (slice(*LAYOUT.span(g)) for g in GROUPS)
+    assert mask[a, a].all() and not mask[a, f].any() and not mask[a, v].any()
+    assert mask[v, v].all() and not mask[v, a].any() and not mask[v, f].any()
+    assert mask[f].all()
+
+
+def test_bad_tables_are_rejected():
+    with pytest.raises(ValueError, match="unknown masking"):
+        Routing.from_masking("zoro")
+    with pytest.raises(ValueError, match="not contiguous"):
+        Routing(reads={"audio": ("audio", "video"), "fusion": GROUPS, "video": ("video",)})
+    with pytest.raises(ValueError, match="read itself"):
+        Routing(reads={"audio": ("video",), "video": ("video",)})
+    with pytest.raises(ValueError, match="no 'fusion' tokens"):
+        Routing.from_masking("two_streams").attention_calls(LAYOUT)
+
+
+def test_output_names_follow_the_masking():
+    assert output_names(Routing.from_masking("zorro")) == tuple(OUTPUTS)
+    assert output_names(Routing.from_masking("two_streams")) == ("audio", "video", "global")
