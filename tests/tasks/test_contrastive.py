@@ -1,0 +1,57 @@
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zorro.models import zorro_vit_tiny
+from zorro.tasks import ContrastiveTask, nce_loss
+from zorro.tasks.contrastive import retrieval_recall
+
+from ..models.test_layers import inputs
+
+
+def test_joint_nce_is_eq2():
+    torch.manual_seed(0)
+    za, zv = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    tau = 0.1
+    sim = torch.exp(za @ zv.t() / tau)
+    expected = -torch.log(sim.diagonal() / sim.sum()).mean()
+    torch.testing.assert_close(nce_loss(za, zv, temperature=tau, normalizer="joint"), expected)
+
+
+def test_symmetric_nce_prefers_aligned_pairs():
+    z = F.normalize(torch.randn(6, 8), dim=-1)
+    aligned = nce_loss(z, z, temperature=0.1, normalizer="symmetric")
+    shuffled = nce_loss(z, z.roll(1, 0), temperature=0.1, normalizer="symmetric")
+    assert aligned < shuffled
+
+
+def test_retrieval_recall():
+    z = torch.eye(4)
+    assert retrieval_recall(z, z)["R@1"] == 1.0
+    assert retrieval_recall(z, z.roll(1, 0))["R@1"] == 0.0
+
+
+def make_task(masking="zorro", loss="eq3"):
+    return ContrastiveTask(backbone=zorro_vit_tiny(masking=masking), loss=loss, projector_hidden_dim=32,
+                           projector_dim=16, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+
+
+def test_eq3_needs_fusion_output():
+    with pytest.raises(ValueError, match="use loss=eq2"):
+        make_task(masking="two_streams", loss="eq3")
+    assert set(make_task(masking="two_streams", loss="eq2").projectors) == {"audio", "video"}
+
+
+def test_training_step_uses_only_samples_with_both_modalities():
+    task = make_task()
+    audio, video = inputs(batch=4)
+    batch = {"audio": audio, "video": video, "has_audio": torch.tensor([True, True, True, False]),
+             "has_video": torch.tensor([True, True, True, True])}
+    z, valid = task.embed(batch)
+    assert valid.tolist() == [True, True, True, False]
+    losses = task.contrastive_loss(z, valid)
+    assert set(losses) == {"audio_video", "audio_fusion", "video_fusion"}
+    sum(losses.values()).backward()
+    assert task.projectors["fusion"].net[0].weight.grad is not None

@@ -1,0 +1,80 @@
+import functools
+
+import pytest
+import torch
+
+from zorro.data.info import DatasetInfo
+from zorro.models import zorro_vit_tiny
+from zorro.tasks import SupervisedTask, cosine_with_warmup, modality_flags
+
+from ..models.test_layers import inputs
+
+
+def make_task(multi_label=False, **kw):
+    return SupervisedTask(backbone=zorro_vit_tiny(), dataset=DatasetInfo(num_classes=6, multi_label=multi_label),
+                          optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), **kw)
+
+
+def test_one_head_per_output_and_averaged_prediction():
+    task = make_task().eval()
+    audio, video = inputs()
+    probs = task.predict_probs({"audio": audio, "video": video})
+    assert set(task.heads) == {"audio", "video", "fusion", "global"}
+    heads = torch.stack([probs[n] for n in task.heads])
+    torch.testing.assert_close(probs["avg"], heads.mean(0))
+    torch.testing.assert_close(probs["avg"].sum(-1), torch.ones(2))
+
+
+def test_targets_label_smoothing():
+    task = make_task(label_smoothing=0.1)
+    t = task.soft_targets(torch.tensor([2]))
+    assert t[0, 2] == pytest.approx(0.9 + 0.1 / 6) and t.sum() == pytest.approx(1.0)
+    ml = make_task(multi_label=True, label_smoothing=0.1).soft_targets(torch.tensor([[1.0, 0, 0, 0, 0, 0]]))
+    assert ml[0, 0] == pytest.approx(0.95) and ml[0, 1] == pytest.approx(0.05)
+
+
+def test_mixup_shares_one_lambda_between_inputs_and_targets():
+    torch.manual_seed(0)
+    task = make_task(mixup_alpha=0.3)
+    audio, video = inputs(batch=4)
+    batch = {"audio": audio, "video": video, "has_audio": torch.ones(4, dtype=torch.bool),
+             "has_video": torch.tensor([True, False, True, True])}
+    target = task.soft_targets(torch.tensor([0, 1, 2, 3]))
+    torch.manual_seed(1)
+    mixed, mixed_target = task.mixup(batch, target)
+    torch.manual_seed(1)  # replay the same draws
+    lam = float(torch.distributions.Beta(0.3, 0.3).sample())
+    perm = torch.randperm(4)
+    torch.testing.assert_close(mixed_target, lam * target + (1 - lam) * target[perm])
+    torch.testing.assert_close(mixed["audio"], lam * audio.float() + (1 - lam) * audio.float()[perm])
+    torch.testing.assert_close(mixed["video"], lam * video.float() + (1 - lam) * video.float()[perm])
+    assert torch.equal(mixed["has_video"], batch["has_video"] | batch["has_video"][perm])
+
+
+def test_no_loss_for_the_missing_modality():
+    task = make_task()
+    audio, video = inputs(batch=2)
+    batch = {"audio": audio, "video": video, "has_audio": torch.tensor([True, True]),
+             "has_video": torch.tensor([False, False])}
+    losses = task.losses(task(batch), task.soft_targets(torch.tensor([0, 1])), batch)
+    assert losses["video"] == 0 and losses["audio"] > 0 and losses["global"] > 0
+
+
+def test_modality_flags_zero_the_other_input():
+    batch = {"audio": torch.zeros(3, 10), "video": torch.zeros(3, 1, 3, 16, 16)}
+    a, v = modality_flags(batch, "audio")
+    assert a.all() and not v.any()
+    a, v = modality_flags({"video": torch.zeros(2, 1, 3, 16, 16)})
+    assert not a.any() and v.all()
+
+
+def test_cosine_with_warmup():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_with_warmup(opt, total_steps=100, warmup_steps=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5, abs=0.02) and lrs[-1] < 0.01

@@ -1,0 +1,106 @@
+"""End to end: Hydra -> train.py / evaluate.py on CPU with the tiny model."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from zorro.run import evaluate, train
+
+from .conftest import ROOT, compose_cfg, run_script
+
+MASKINGS = ["zorro", "two_streams", "input_level", "bottleneck"]
+
+
+@pytest.mark.parametrize("task", ["supervised", "contrastive"])
+@pytest.mark.parametrize("masking", MASKINGS)
+def test_fast_dev_run_every_masking_and_task(masking, task, tmp_path):
+    overrides = ["debug=tiny", "trainer.fast_dev_run=true", f"masking={masking}", f"task={task}"]
+    if masking == "two_streams" and task == "contrastive":
+        overrides.append("task.loss=eq2")  # eq. 3 needs the fusion output
+    train(compose_cfg(overrides=overrides, output_dir=tmp_path))
+
+
+def _tiny(tmp_path, *extra):
+    return compose_cfg(overrides=["debug=tiny", "logger=none", *extra], output_dir=tmp_path)
+
+
+def test_train_then_evaluate_reproduces_the_validation_metric(tmp_path):
+    cfg = _tiny(tmp_path / "run", "trainer.max_epochs=2", "test=false")
+    train(cfg)
+    best = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    best_score = float(torch.load(best, weights_only=False)["callbacks"][
+        next(k for k in torch.load(best, weights_only=False)["callbacks"] if k.startswith("ModelCheckpoint"))][
+        "best_model_score"])
+    eval_cfg = compose_cfg("evaluate", overrides=[f"ckpt_path={best}", "split=val"], output_dir=tmp_path / "eval")
+    metrics = evaluate(eval_cfg)
+    assert metrics["val/score"] == pytest.approx(best_score, abs=1e-6)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"val/audio_video/avg/top1", "val/audio/avg/top1", "val/video/avg/top1"} <= set(saved)
+
+
+def test_kill_and_resume_continues_the_same_run(tmp_path):
+    """SIGKILL a real training process after its first checkpoint, then resume from last.ckpt."""
+    run_dir = tmp_path / "run"
+    args = [ROOT / "train.py", "debug=tiny", "logger=csv", f"hydra.run.dir={run_dir}", "trainer.max_epochs=200",
+            "data.num_train=32", "data.num_val=16", "test=false"]
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (last.exists() and torch.load(last, weights_only=False)["epoch"] >= 1):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = torch.load(last, weights_only=False)
+    epoch, step = killed["epoch"], killed["global_step"]
+    assert epoch >= 1 and step > 0
+
+    resumed_dir = tmp_path / "resumed"
+    run_script(ROOT / "train.py", "debug=tiny", "logger=csv", f"hydra.run.dir={resumed_dir}", f"ckpt_path={last}",
+               f"trainer.max_epochs={epoch + 3}", "data.num_train=32", "data.num_val=16", "test=false")
+    final = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    steps_per_epoch = step // (epoch + 1)
+    assert final["epoch"] == epoch + 2, (epoch, step, final["epoch"], final["global_step"])  # continued, not restarted
+    assert final["global_step"] == step + 2 * steps_per_epoch
+
+
+@pytest.mark.ddp
+def test_ddp_two_cpu_processes(tmp_path):
+    for task in ("supervised", "contrastive"):
+        run_script(ROOT / "train.py", "debug=tiny", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                   "trainer.strategy=ddp_spawn", "trainer.sync_batchnorm=false", "trainer.precision=32-true",
+                   "trainer.max_epochs=1", "data.num_train=32", "data.num_val=16", "test=false", f"task={task}",
+                   f"hydra.run.dir={tmp_path / task}", "logger=csv")
+        assert (tmp_path / task / "checkpoints" / "last.ckpt").exists()
+
+
+def test_masking_sweep_multirun(tmp_path):
+    proc = run_script(ROOT / "train.py", "-m", "masking=zorro,two_streams,input_level,bottleneck", "debug=tiny",
+                      "trainer.max_epochs=1", "data.num_train=16", "data.num_val=16", "data.num_test=16",
+                      f"hydra.sweep.dir={tmp_path}", "logger=csv")
+    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").exists())
+    assert len(jobs) == 4 and any("two_streams" in j for j in jobs), (jobs, proc.stdout[-2000:])
+
+
+def test_wandb_offline_run(tmp_path):
+    run_script(ROOT / "train.py", "debug=tiny", "logger=wandb", "trainer.max_epochs=1", "data.num_train=16",
+               "data.num_val=16", "test=false", f"hydra.run.dir={tmp_path}", env={"WANDB_MODE": "offline"})
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("masking=vanilla", "Could not find 'masking/vanilla'"),
+    ("model.depth=abc", "Error in config: model.depth: expected int, got 'abc'"),
+    ("data=shards", "Error in config: missing value for data.root"),
+])
+def test_bad_overrides_give_one_line_errors(override, message, tmp_path):
+    proc = run_script(ROOT / "train.py", "debug=tiny", override, f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
