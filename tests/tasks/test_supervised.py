@@ -78,3 +78,27 @@ def test_cosine_with_warmup():
         sched.step()
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.5, abs=0.02) and lrs[-1] < 0.01
+
+
+def test_clip_predictions_average_views_per_key():
+    from zorro.tasks.metrics import ClipPredictions, classification_scores
+
+    clips = ClipPredictions()
+    # clip "a": two views that disagree, averaged -> class 0; clip "b": one view -> class 1
+    clips.update(torch.tensor([[0.9, 0.1], [0.4, 0.6]]), torch.tensor([0, 0]), ["a", "a"])
+    clips.update(torch.tensor([[0.2, 0.8]]), torch.tensor([1]), ["b"])
+    probs, labels = clips.compute()
+    assert probs.shape == (2, 2) and sorted(labels.tolist()) == [0, 1]
+    row_a = probs[labels == 0][0]
+    torch.testing.assert_close(row_a, torch.tensor([0.65, 0.35]))
+    assert classification_scores(probs, labels, multi_label=False)["top1"] == 1.0
+
+
+def test_multilabel_scores_ignore_classes_without_positives():
+    from zorro.tasks.metrics import classification_scores
+
+    probs = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.8, 0.1], [0.7, 0.3, 0.2]])
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0]])  # class 2 has no positives
+    scores = classification_scores(probs, labels, multi_label=True)
+    assert scores["mAP"] == pytest.approx(1.0) and scores["AUC"] == pytest.approx(1.0)
+    assert scores["dprime"] > 3

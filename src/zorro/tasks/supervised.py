@@ -7,11 +7,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
-
 from ..data.info import DatasetInfo
 from .base import EVAL_INPUTS, BaseTask, modality_flags
+from .metrics import ClipPredictions, classification_scores
 
 # Which input a head depends on: its loss is skipped for samples that lack that modality (paper 4.4).
 HEAD_NEEDS = {"audio": "has_audio", "video": "has_video"}
@@ -36,19 +34,11 @@ class SupervisedTask(BaseTask):
         self.eval_inputs = tuple(eval_inputs)
         self.output_names = tuple(backbone.output_names)
         self.heads = nn.ModuleDict({n: nn.Linear(backbone.output_dim, dataset.num_classes) for n in self.output_names})
+        # Evaluation averages the predictions of all views (windows x crops) of a clip, keyed by `key`.
         names = (*self.output_names, "avg")
         self.metric_name = "mAP" if dataset.multi_label else "top1"
-        self.val_metrics = nn.ModuleDict({f"{i}-{n}": self._metrics() for i in self.eval_inputs for n in names})
-        self.test_metrics = nn.ModuleDict({f"{i}-{n}": self._metrics() for i in self.eval_inputs for n in names})
-
-    def _metrics(self) -> MetricCollection:
-        C = self.dataset.num_classes
-        if self.dataset.multi_label:
-            return MetricCollection({"mAP": MultilabelAveragePrecision(num_labels=C, average="macro")})
-        metrics = {"top1": MulticlassAccuracy(num_classes=C, top_k=1, average="micro")}
-        if C > 5:
-            metrics["top5"] = MulticlassAccuracy(num_classes=C, top_k=5, average="micro")
-        return MetricCollection(metrics)
+        self.val_clips = nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in self.eval_inputs for n in names})
+        self.test_clips = nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in self.eval_inputs for n in names})
 
     # -- targets and losses ------------------------------------------------------------------------------
     def soft_targets(self, label: torch.Tensor) -> torch.Tensor:
@@ -109,40 +99,42 @@ class SupervisedTask(BaseTask):
         probs["avg"] = torch.stack(list(probs.values())).mean(0)
         return probs
 
-    def _eval_step(self, batch: dict, metrics: nn.ModuleDict, stage: str) -> None:
-        label = batch["label"].long()
+    def _eval_step(self, batch: dict, clips: nn.ModuleDict, stage: str) -> None:
+        label, keys = batch["label"], batch.get("key")
         for inputs in self.eval_inputs:
             probs = self.predict_probs(batch, inputs)
             for name, p in probs.items():
-                metrics[f"{inputs}-{name}"].update(p, label)
+                clips[f"{inputs}-{name}"].update(p, label, keys)
         if "audio_video" in self.eval_inputs:
-            target = self.soft_targets(batch["label"])
+            target = self.soft_targets(label)
             losses = self.losses(self(batch), target, batch)
             self.log(f"{stage}/loss", torch.stack(list(losses.values())).mean(), batch_size=label.shape[0],
                      sync_dist=True)
 
-    def _eval_epoch_end(self, metrics: nn.ModuleDict, stage: str) -> None:
+    def _eval_epoch_end(self, clips: nn.ModuleDict, stage: str) -> None:
         values = {}
-        for key, collection in metrics.items():
-            if not collection[self.metric_name].update_called:
+        for key, predictions in clips.items():
+            if not predictions.update_called:
                 continue
             inputs, name = key.split("-")
-            for metric, value in collection.compute().items():  # torchmetrics syncs across processes
+            probs, labels = predictions.compute()  # gathered across processes, averaged per clip
+            for metric, value in classification_scores(probs, labels, multi_label=self.dataset.multi_label).items():
                 values[f"{stage}/{inputs}/{name}/{metric}"] = value
-            collection.reset()
+            values[f"{stage}/num_clips"] = torch.tensor(float(len(labels)))
+            predictions.reset()
         primary = f"{stage}/{self.eval_inputs[0]}/avg/{self.metric_name}"
         if primary in values:
             values[f"{stage}/score"] = values[primary]  # what checkpointing monitors
         self.log_dict(values, sync_dist=False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+        self._eval_step(batch, self.val_clips, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end(self.val_metrics, "val")
+        self._eval_epoch_end(self.val_clips, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+        self._eval_step(batch, self.test_clips, "test")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end(self.test_metrics, "test")
+        self._eval_epoch_end(self.test_clips, "test")
