@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) train.py experiment=demo paths.log_dir=$(DEMO_DIR)/logs
+	$(PY) train.py experiment=demo_synthetic paths.log_dir=$(DEMO_DIR)/logs
 
 test: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
