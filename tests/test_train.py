@@ -104,3 +104,13 @@ def test_bad_overrides_give_one_line_errors(override, message, tmp_path):
     proc = run_script(ROOT / "train.py", "debug=tiny", override, f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_submitit_local_launcher_runs_a_sweep(tmp_path):
+    """The SLURM launcher's local twin: each job of the sweep runs as its own submitit process."""
+    run_script(ROOT / "train.py", "-m", "hydra/launcher=submitit_local", "masking=zorro,two_streams", "debug=tiny",
+               "trainer.max_epochs=1", "data.num_train=16", "data.num_val=16", "data.num_test=16", "logger=csv",
+               f"hydra.sweep.dir={tmp_path}")
+    jobs = [p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").exists()]
+    assert len(jobs) == 2
+    assert (tmp_path / ".submitit").is_dir()
