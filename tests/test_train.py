@@ -86,6 +86,11 @@ def test_masking_sweep_multirun(tmp_path):
                       f"hydra.sweep.dir={tmp_path}", "logger=csv")
     jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").exists())
     assert len(jobs) == 4 and any("two_streams" in j for j in jobs), (jobs, proc.stdout[-2000:])
+    report = run_script("-m", "zorro.report", tmp_path).stdout  # the Table 3 layout
+    lines = report.strip().splitlines()
+    assert lines[0] == "| masking | V top1 | A top1 | A+V top1 |" and len(lines) == 2 + 4
+    assert {line.split("|")[1].strip() for line in lines[2:]} == set(MASKINGS)
+    assert (tmp_path / "report.csv").exists()
 
 
 def test_wandb_offline_run(tmp_path):

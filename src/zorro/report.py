@@ -1,0 +1,90 @@
+"""Turn a multirun directory into one table in the layout of the paper's Table 3.
+
+    python -m zorro.report logs/multiruns/2026-11-24/12-00-00 [--stage test] [--head avg]
+
+Rows: the swept choices (the overrides that differ between jobs, e.g. masking); columns: V / A / A+V
+(the averaged prediction with only video, only audio, or both inputs). Prints Markdown and writes
+`report.md` and `report.csv` into the directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+COLUMNS = (("video", "V"), ("audio", "A"), ("audio_video", "A+V"))
+
+
+def load_jobs(root: Path) -> list[dict]:
+    jobs = []
+    for metrics_file in sorted(root.glob("*/metrics.json")):
+        job = metrics_file.parent
+        overrides_file = job / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+        pairs = dict(o.split("=", 1) for o in overrides if "=" in o)
+        jobs.append({"dir": job, "overrides": pairs, "metrics": json.loads(metrics_file.read_text())})
+    return jobs
+
+
+def swept_keys(jobs: list[dict]) -> list[str]:
+    keys = sorted({k for j in jobs for k in j["overrides"]})
+    return [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1] or keys[:1]
+
+
+def metric_name(metrics: dict, stage: str, head: str) -> str | None:
+    for name in ("mAP", "top1", "R@1"):
+        if f"{stage}/audio_video/{head}/{name}" in metrics:
+            return name
+    return None
+
+
+def build_table(jobs: list[dict], stage: str = "test", head: str = "avg") -> tuple[list[str], list[list[str]]]:
+    keys = swept_keys(jobs)
+    metric = next((m for j in jobs if (m := metric_name(j["metrics"], stage, head))), None)
+    header = [*keys, *(f"{label} {metric or ''}".strip() for _, label in COLUMNS)]
+    rows = []
+    for job in jobs:
+        row = [job["overrides"].get(k, "") for k in keys]
+        for inputs, _ in COLUMNS:
+            value = job["metrics"].get(f"{stage}/{inputs}/{head}/{metric}")
+            row.append(f"{100 * value:.1f}" if value is not None else "-")
+        rows.append(row)
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("multirun_dir", type=Path)
+    p.add_argument("--stage", default="test", choices=["test", "val"])
+    p.add_argument("--head", default="avg", help="output head (avg, audio, video, fusion, global)")
+    args = p.parse_args(argv)
+    if not args.multirun_dir.is_dir():
+        print(f"error: {args.multirun_dir} is not a directory", file=sys.stderr)
+        return 2
+    jobs = load_jobs(args.multirun_dir)
+    if not jobs:
+        print(f"error: no */metrics.json below {args.multirun_dir} (is it a multirun directory of train.py?)",
+              file=sys.stderr)
+        return 2
+    header, rows = build_table(jobs, args.stage, args.head)
+    table = markdown(header, rows)
+    print(table)
+    (args.multirun_dir / "report.md").write_text(table + "\n")
+    with open(args.multirun_dir / "report.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
