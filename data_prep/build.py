@@ -1,0 +1,356 @@
+"""Rows -> decoded, encoded samples (in worker processes) -> WebDataset shards, manifest.json, skipped.csv.
+
+Guarantees (docs/data_format.md):
+- every row ends in a shard or in skipped.csv with a reason; rows in = written + skipped, checked at the end;
+- deterministic: samples keep label-file order within a split, shard boundaries depend only on the data;
+- resumable: a shard is written under a temporary name and renamed when complete, then recorded in an
+  append-only journal; a restarted run keeps recorded shards and skips, deletes leftovers, and redoes the rest;
+- one bad file never stops the run: decoding runs in worker processes, and a crashed or hung decoder only
+  costs the rows it was working on, which are retried one by one in isolation.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import io
+import json
+import os
+import re
+import sys
+import unicodedata
+from collections import Counter, deque
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .labels import Row
+
+JOURNAL = ".data_prep_journal.jsonl"
+
+
+@dataclass(frozen=True)
+class Options:
+    fps: float = 6.25
+    short_side: int = 256
+    sample_rate: int = 48_000
+    audio_format: str = "flac"
+    max_seconds: float = 10.0
+    min_seconds: float = 0.0
+    require_audio: bool = False
+    require_video: bool = False
+    jpeg_quality: int = 90
+    shard_size_mb: float = 256.0
+    max_samples_per_shard: int | None = None
+
+
+# -- keys --------------------------------------------------------------------------------------------------
+def sanitize_key(text: str) -> str:
+    """[A-Za-z0-9_-] only: WebDataset splits a key at its first dot (AudioSet's `abc_40.000` breaks otherwise)."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "clip"
+
+
+def assign_keys(rows: list[Row]) -> dict[int, str]:
+    """A unique key per row with a file, derived from its path; collisions get -1, -2, ... in row order."""
+    keys, used = {}, set()
+    for row in rows:
+        if row.path is None:
+            continue
+        base = sanitize_key(os.path.splitext(row.path)[0].replace(os.sep, "_"))
+        key, n = base, 0
+        while key in used:
+            n += 1
+            key = f"{base}-{n}"
+        used.add(key)
+        keys[row.index] = key
+    return keys
+
+
+# -- worker side -------------------------------------------------------------------------------------------
+def encode_sample(task: dict) -> tuple:
+    """Decode one file and encode it as shard members. Returns ("ok", members) or ("skip", reason, message)."""
+    from PIL import Image
+
+    from zorro.data.media import MediaError, decode_media
+
+    opt = Options(**task["options"])
+    try:
+        clip = decode_media(task["abs_path"], fps=opt.fps, short_side=opt.short_side, sample_rate=opt.sample_rate,
+                            max_seconds=opt.max_seconds, min_seconds=opt.min_seconds,
+                            require_audio=opt.require_audio, require_video=opt.require_video)
+    except MediaError as e:
+        return ("skip", e.reason, e.message)
+    except Exception as e:  # anything unexpected is this file's problem, not the run's
+        return ("skip", "corrupt", f"{type(e).__name__}: {e}"[:300])
+    key = task["key"]
+    members: dict = {"__key__": key}
+    meta = dict(task["meta"], duration=round(clip.duration, 4), source_duration=round(clip.source_duration, 4),
+                truncated=clip.truncated, has_audio=clip.has_audio, has_video=clip.has_video, fps=opt.fps,
+                num_frames=0, width=0, height=0, sample_rate=opt.sample_rate, num_samples=0)
+    if clip.has_video:
+        for t, frame in enumerate(clip.frames):
+            buf = io.BytesIO()
+            Image.fromarray(frame).save(buf, format="JPEG", quality=opt.jpeg_quality)
+            members[f"f{t:03d}.jpg"] = buf.getvalue()
+        meta.update(num_frames=len(clip.frames), height=int(clip.frames.shape[1]), width=int(clip.frames.shape[2]))
+    if clip.has_audio:
+        import soundfile as sf
+
+        buf = io.BytesIO()
+        pcm = np.round(np.clip(clip.audio, -1, 1) * 32767).astype(np.int16)
+        sf.write(buf, pcm, opt.sample_rate, format=opt.audio_format.upper(), subtype="PCM_16")
+        members[opt.audio_format] = buf.getvalue()
+        meta["num_samples"] = int(pcm.size)
+    members["json"] = json.dumps(meta, sort_keys=True).encode()
+    return ("ok", members)
+
+
+def _quiet_worker() -> None:
+    """FFmpeg/decord log decode errors straight to stderr; they are in skipped.csv already."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+
+
+def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    return cf.ProcessPoolExecutor(max_workers=workers, initializer=_quiet_worker)
+
+
+def _kill(pool: cf.ProcessPoolExecutor) -> None:
+    for p in list(getattr(pool, "_processes", {}).values()):
+        p.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_isolated(task: dict, timeout: float) -> tuple:
+    pool = _pool(1)
+    try:
+        return pool.submit(encode_sample, task).result(timeout=timeout)
+    except cf.TimeoutError:
+        return ("skip", "timeout", f"decoding took longer than {timeout:.0f} s")
+    except BrokenProcessPool:
+        return ("skip", "decoder_crashed", "the decoder process crashed on this file")
+    finally:
+        _kill(pool)
+
+
+def run_tasks(tasks, *, workers: int, timeout: float):
+    """Yield (task, result) in task order, decoding up to `workers` files at a time in worker processes."""
+    tasks = iter(tasks)
+    pool = _pool(workers)
+    window: deque = deque()
+
+    def refill():
+        while len(window) < 4 * workers:
+            task = next(tasks, None)
+            if task is None:
+                return
+            window.append((task, pool.submit(encode_sample, task)))
+
+    refill()
+    try:
+        while window:
+            task, future = window.popleft()
+            try:
+                result = future.result(timeout=timeout)
+            except (BrokenProcessPool, cf.TimeoutError):
+                # Some file crashed or hung a worker: retry every in-flight file alone to find which.
+                in_flight = [task] + [t for t, _ in window]
+                window.clear()
+                _kill(pool)
+                for t in in_flight:
+                    yield t, _run_isolated(t, timeout)
+                pool = _pool(workers)
+                refill()
+                continue
+            yield task, result
+            refill()
+    finally:
+        _kill(pool)
+
+
+# -- main-process side -----------------------------------------------------------------------------------------
+class Journal:
+    """Append-only record of finished shards and skipped rows: what a restarted run must not redo."""
+
+    def __init__(self, path: Path, options: Options):
+        self.path = path
+        self.shards: list[dict] = []
+        self.skipped: dict[int, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by a kill
+                    continue
+                if rec["type"] == "options" and rec["options"] != asdict(options):
+                    raise SystemExit(f"error: {path.parent} was written with other options {rec['options']}; "
+                                     f"use the same options to resume, or a new --out")
+                elif rec["type"] == "shard":
+                    self.shards.append(rec)
+                elif rec["type"] == "skip":
+                    self.skipped[rec["row"]] = rec
+        self.file = open(path, "a")
+        if not path.stat().st_size:
+            self.append({"type": "options", "options": asdict(options)})
+
+    def append(self, rec: dict) -> None:
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def done_rows(self) -> set[int]:
+        return {r for s in self.shards for r in s["rows"]} | set(self.skipped)
+
+
+class SplitWriter:
+    """Writes one split's shards in order: `{split}-{n:06d}.tar`, via a temporary file renamed when full."""
+
+    def __init__(self, out: Path, split: str, journal: Journal, options: Options):
+        import webdataset as wds
+
+        self._wds = wds
+        self.out, self.split, self.journal, self.options = out, split, journal, options
+        self.index = sum(1 for s in journal.shards if s["split"] == split)
+        self.tar = None
+
+    def add(self, members: dict, row: int) -> None:
+        if self.tar is None:
+            self.tmp = self.out / f"{self.split}-{self.index:06d}.tar.tmp"
+            self.stream = open(self.tmp, "wb")
+            self.tar = self._wds.TarWriter(self.stream)
+            self.rows, self.size = [], 0
+        self.tar.write(members)
+        self.rows.append(row)
+        self.size += sum(len(v) for k, v in members.items() if k != "__key__")
+        full_size = self.size >= self.options.shard_size_mb * 2**20
+        full_count = self.options.max_samples_per_shard and len(self.rows) >= self.options.max_samples_per_shard
+        if full_size or full_count:
+            self.close()
+
+    def close(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        self.stream.close()
+        name = f"{self.split}-{self.index:06d}.tar"
+        os.replace(self.tmp, self.out / name)
+        self.journal.append({"type": "shard", "split": self.split, "name": name, "rows": self.rows,
+                             "num_samples": len(self.rows)})
+        self.journal.shards.append({"split": self.split, "name": name, "rows": self.rows, "num_samples": len(self.rows)})
+        self.index += 1
+        self.tar = None
+
+
+def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, workers: int = 1,
+                 splits: set[str] | None = None, timeout: float = 600.0, stop_after_rows: int | None = None,
+                 progress: bool = True) -> dict:
+    """Write shards for `rows`; returns the manifest. `stop_after_rows` stops abruptly (tests of resume)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob("*.tar.tmp"):  # a shard interrupted by a kill: its rows were never journalled
+        leftover.unlink()
+    journal = Journal(out / JOURNAL, options)
+    classes = sorted({label for r in rows for label in r.labels})
+    class_index = {c: i for i, c in enumerate(classes)}
+    multi_label = any(len(r.labels) > 1 for r in rows)
+    keys = assign_keys(rows)
+    done = journal.done_rows()
+
+    def skip(row: Row, reason: str, message: str) -> None:
+        rec = {"type": "skip", "row": row.index, "path": row.path or row.source, "reason": reason, "message": message}
+        journal.append(rec)
+        journal.skipped[row.index] = rec
+
+    seen_paths: set[str] = set()
+    tasks = []
+    for row in rows:
+        if row.path is not None:
+            first = row.path not in seen_paths
+            seen_paths.add(row.path)
+        if row.index in done:
+            continue
+        if row.problem:
+            skip(row, row.problem, "the label file gives no label for this row")
+        elif row.path is None:
+            skip(row, "missing_file", f"no file in --videos matches {row.source!r}")
+        elif not first:
+            skip(row, "duplicate_row", f"{row.path} is listed more than once (first occurrence kept)")
+        elif splits is not None and row.split not in splits:
+            skip(row, "split_not_selected", f"split {row.split!r} is not in --splits")
+        else:
+            meta = {"key": keys[row.index], "source": row.path, "labels": row.labels,
+                    "label_ids": [class_index[c] for c in row.labels], "split": row.split, "fold": row.fold,
+                    "row": row.index}
+            tasks.append({"row": row.index, "split": row.split, "key": keys[row.index], "meta": meta,
+                          "abs_path": str(videos / row.path), "options": asdict(options)})
+
+    writers: dict[str, SplitWriter] = {}
+    rows_by_index = {r.index: r for r in rows}
+    bar = _progress(total=len(rows), initial=len(rows) - len(tasks), enabled=progress)
+    for n, (task, result) in enumerate(run_tasks(tasks, workers=max(1, workers), timeout=timeout)):
+        if stop_after_rows is not None and n >= stop_after_rows:
+            os._exit(3)  # as abrupt as a kill: nothing is flushed or finalised
+        if result[0] == "ok":
+            split = task["split"]
+            if split not in writers:
+                writers[split] = SplitWriter(out, split, journal, options)
+            writers[split].add(result[1], task["row"])
+        else:
+            skip(rows_by_index[task["row"]], result[1], result[2])
+        bar.update(1)
+    bar.close()
+    for writer in writers.values():
+        writer.close()
+    return finish(out, rows, journal, classes, multi_label, options)
+
+
+def finish(out: Path, rows: list[Row], journal: Journal, classes: list[str], multi_label: bool,
+           options: Options) -> dict:
+    splits: dict[str, dict] = {}
+    for shard in journal.shards:
+        s = splits.setdefault(shard["split"], {"num_samples": 0, "shards": []})
+        s["shards"].append({"name": shard["name"], "num_samples": shard["num_samples"]})
+        s["num_samples"] += shard["num_samples"]
+    for s in splits.values():
+        s["shards"].sort(key=lambda x: x["name"])
+    manifest = {"format_version": 1, "classes": classes, "multi_label": multi_label, "fps": options.fps,
+                "sample_rate": options.sample_rate, "short_side": options.short_side,
+                "audio_format": options.audio_format, "max_seconds": options.max_seconds,
+                "splits": dict(sorted(splits.items()))}
+    written = sum(s["num_samples"] for s in splits.values())
+    skipped = sorted(journal.skipped.values(), key=lambda r: r["row"])
+    if written + len(skipped) != len(rows):  # every row is accounted for, or this is a bug
+        raise RuntimeError(f"rows in = {len(rows)} but written {written} + skipped {len(skipped)}")
+    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["row", "path", "reason", "message"])
+    w.writerows([[r["row"], r["path"], r["reason"], r["message"]] for r in skipped])
+    _atomic_write(out / "skipped.csv", buf.getvalue())
+    reasons = Counter(r["reason"] for r in skipped)
+    manifest["summary"] = {"rows": len(rows), "written": written, "skipped": len(skipped), "reasons": dict(reasons)}
+    return manifest
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="clip", file=sys.stderr, disable=None)

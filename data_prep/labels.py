@@ -1,0 +1,139 @@
+"""Label files -> rows (path, labels, split, fold). A generic CSV plus the official layouts of AudioSet,
+VGGSound, Kinetics-400 and ESC-50. A row whose file cannot be found keeps `path=None` and a note, so it is
+reported as skipped instead of silently dropped."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MEDIA_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".m4v", ".flv", ".wav", ".flac",
+                    ".mp3", ".ogg", ".opus", ".m4a", ".aac")
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
+               "validation": "val", "test": "test", "testing": "test", "eval": "test", "evaluation": "test"}
+
+
+@dataclass
+class Row:
+    index: int  # 0-based row number in the label file (data rows only)
+    path: str | None  # relative to --videos; None when no file matched
+    labels: list[str]
+    split: str
+    fold: int | None = None
+    source: str = ""  # what the label file said (for skipped.csv when path is None)
+    problem: str | None = field(default=None)  # a reason to skip decided while reading the label file
+
+
+def _split(value: str | None, default: str) -> str:
+    if not value:
+        return default
+    name = SPLIT_NAMES.get(value.strip().lower())
+    if name is None:
+        raise ValueError(f"unknown split {value!r}; use train/val/test")
+    return name
+
+
+def read_csv(path: Path, default_split: str) -> list[Row]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "path" not in reader.fieldnames or "label" not in reader.fieldnames:
+            raise ValueError(f"{path}: a generic label CSV needs a header with 'path' and 'label' columns "
+                             f"(and optional 'split', 'fold'); found {reader.fieldnames}")
+        rows = []
+        for i, r in enumerate(reader):
+            labels = [x.strip() for x in (r["label"] or "").split(";") if x.strip()]
+            fold = r.get("fold")
+            rows.append(Row(index=i, path=(r["path"] or "").strip() or None, labels=labels,
+                            split=_split(r.get("split"), default_split), fold=int(fold) if fold else None,
+                            source=r["path"] or "", problem=None if labels else "no_label"))
+        return rows
+
+
+class FileIndex:
+    """Finds media files below a directory by stem (official datasets name files after YouTube ids)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.by_stem: dict[str, str] = {}
+        for dirpath, _, files in os.walk(root):
+            for name in sorted(files):
+                stem, ext = os.path.splitext(name)
+                if ext.lower() in MEDIA_EXTENSIONS:
+                    rel = os.path.relpath(os.path.join(dirpath, name), root)
+                    self.by_stem.setdefault(stem, rel)
+
+    def find(self, *stems: str) -> str | None:
+        for stem in stems:
+            if stem in self.by_stem:
+                return self.by_stem[stem]
+        return None
+
+
+def read_audioset(path: Path, videos: Path, default_split: str, class_map: Path | None = None) -> list[Row]:
+    names = {}
+    if class_map:
+        with open(class_map, newline="") as f:
+            names = {r["mid"]: r["display_name"] for r in csv.DictReader(f)}
+    index, rows = FileIndex(videos), []
+    with open(path, newline="") as f:
+        lines = [line for line in f if line.strip() and not line.startswith("#")]
+    for i, r in enumerate(csv.reader(lines, skipinitialspace=True)):
+        ytid, start, end, mids = r[0], float(r[1]), float(r[2]), r[3]
+        labels = [names.get(m.strip(), m.strip()) for m in mids.split(",") if m.strip()]
+        found = index.find(f"{ytid}_{start:.3f}", f"{ytid}_{int(start)}", f"{ytid}_{int(start * 1000)}", ytid)
+        rows.append(Row(index=i, path=found, labels=labels, split=default_split, source=f"{ytid} {start}-{end}"))
+    return rows
+
+
+def read_vggsound(path: Path, videos: Path, default_split: str) -> list[Row]:
+    index, rows = FileIndex(videos), []
+    with open(path, newline="") as f:
+        for i, r in enumerate(csv.reader(f)):
+            ytid, start, label, split = r[0], int(float(r[1])), r[2].strip(), r[3]
+            found = index.find(f"{ytid}_{start:06d}", f"{ytid}_{start}", ytid)
+            rows.append(Row(index=i, path=found, labels=[label], split=_split(split, default_split),
+                            source=f"{ytid} {start}"))
+    return rows
+
+
+def read_kinetics(path: Path, videos: Path, default_split: str) -> list[Row]:
+    index, rows = FileIndex(videos), []
+    with open(path, newline="") as f:
+        for i, r in enumerate(csv.DictReader(f)):
+            ytid, start, end = r["youtube_id"], int(float(r["time_start"])), int(float(r["time_end"]))
+            found = index.find(f"{ytid}_{start:06d}_{end:06d}", f"{ytid}_{start}_{end}", ytid)
+            rows.append(Row(index=i, path=found, labels=[r["label"].strip()], split=_split(r.get("split"), default_split),
+                            source=f"{ytid} {start}-{end}"))
+    return rows
+
+
+def read_esc50(path: Path, videos: Path, default_split: str, test_fold: int | None = None) -> list[Row]:
+    index, rows = FileIndex(videos), []
+    with open(path, newline="") as f:
+        for i, r in enumerate(csv.DictReader(f)):
+            fold = int(r["fold"])
+            found = index.find(os.path.splitext(r["filename"])[0])
+            split = "test" if test_fold is not None and fold == test_fold else default_split
+            rows.append(Row(index=i, path=found, labels=[r["category"].strip()], split=split, fold=fold,
+                            source=r["filename"]))
+    return rows
+
+
+FORMATS = ("csv", "audioset", "vggsound", "kinetics", "esc50")
+
+
+def read_labels(fmt: str, path: Path, videos: Path, *, default_split: str = "train", class_map: Path | None = None,
+                esc50_test_fold: int | None = None) -> list[Row]:
+    if fmt == "csv":
+        return read_csv(path, default_split)
+    if fmt == "audioset":
+        return read_audioset(path, videos, default_split, class_map)
+    if fmt == "vggsound":
+        return read_vggsound(path, videos, default_split)
+    if fmt == "kinetics":
+        return read_kinetics(path, videos, default_split)
+    if fmt == "esc50":
+        return read_esc50(path, videos, default_split, esc50_test_fold)
+    raise ValueError(f"unknown label format {fmt!r}; choose one of {FORMATS}")

@@ -1,0 +1,286 @@
+"""Streaming the WebDataset shards written by `data_prep` (docs/data_format.md) into contract batches.
+
+Splitting work: every (rank, worker) pair is a *slot*. With at least as many shards as slots, each slot reads
+its own shards (shuffled per epoch in training); with fewer shards than slots (small data, many workers),
+every slot reads all shards and keeps every n-th sample, so no worker sits idle or hangs. Evaluation sees each
+clip exactly once across all ranks and workers (no padding, no repeats); training yields a fixed number of
+batches per epoch on every rank (DDP needs that), looping over a slot's samples if it runs short.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import decode_jpeg
+
+from .info import DatasetInfo
+from .transforms import (colour_augment, crop_resize, eval_crop_boxes, random_resized_box, window_audio,
+                         window_frame_indices, window_starts)
+
+log = logging.getLogger(__name__)
+FRAME = re.compile(r"^f(\d+)\.jpg$")
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no manifest.json in {root}: make shards with `python -m data_prep` first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != 1:
+        raise ValueError(f"{path}: unsupported format_version {manifest.get('format_version')}")
+    return manifest
+
+
+class ClipSampler:
+    """Raw shard sample -> one (training) or windows x crops (evaluation) contract samples."""
+
+    def __init__(self, *, num_classes: int, multi_label: bool, num_frames: int, frame_rate: float, image_size: int,
+                 sample_rate: int, train: bool, min_crop_scale: float, aspect_ratio: Sequence[float], flip: bool,
+                 color_prob: float, windows: int, crops: int, modalities: Sequence[str]):
+        self.num_classes, self.multi_label = num_classes, multi_label
+        self.num_frames, self.frame_rate, self.image_size, self.sample_rate = num_frames, frame_rate, image_size, sample_rate
+        self.window = num_frames / frame_rate
+        self.train, self.min_crop_scale, self.aspect_ratio = train, min_crop_scale, tuple(aspect_ratio)
+        self.flip, self.color_prob, self.windows, self.crops = flip, color_prob, windows, crops
+        self.modalities = set(modalities)
+
+    def label(self, meta: dict) -> torch.Tensor:
+        ids = meta.get("label_ids", [])
+        if self.multi_label:
+            y = torch.zeros(self.num_classes)
+            y[ids] = 1.0
+            return y
+        if len(ids) != 1:
+            raise ValueError(f"single-label data but clip {meta.get('key')} has labels {ids}")
+        return torch.tensor(ids[0])
+
+    def audio(self, raw: dict, meta: dict) -> np.ndarray | None:
+        if not meta.get("has_audio") or "audio" not in self.modalities:
+            return None
+        import soundfile as sf
+
+        data = raw.get("flac") or raw.get("wav")
+        wav, sr = sf.read(io.BytesIO(data), dtype="int16", always_2d=False)
+        if sr != self.sample_rate:
+            import torchaudio.functional as AF
+
+            wav = AF.resample(torch.from_numpy(wav.astype(np.float32) / 32768), sr, self.sample_rate)
+            wav = (wav.clamp(-1, 1) * 32767).round().to(torch.int16).numpy()
+        return wav
+
+    def __call__(self, raw: dict, rng: random.Random):
+        meta = json.loads(raw["json"])
+        key, label = meta["key"], self.label(meta)
+        frames = sorted(((int(m.group(1)), k) for k in raw if (m := FRAME.match(k))))
+        has_video = bool(meta.get("has_video")) and bool(frames) and "video" in self.modalities
+        audio = self.audio(raw, meta)
+        duration = float(meta.get("duration") or 0.0)
+        if self.train:
+            starts = [rng.uniform(0, max(duration - self.window, 0.0))]
+        else:
+            starts = window_starts(duration, self.window, self.windows)
+        n_audio = int(round(self.window * self.sample_rate))
+        for view_w, start in enumerate(starts):
+            if has_video:
+                idx = window_frame_indices(start=start, num_frames=self.num_frames, frame_rate=self.frame_rate,
+                                           stored_fps=float(meta["fps"]), num_stored=len(frames))
+                clip = torch.stack([decode_jpeg(torch.frombuffer(bytearray(raw[frames[i][1]]), dtype=torch.uint8))
+                                    for i in idx])
+                boxes = self._boxes(clip, rng)
+            else:
+                boxes = [None] * (1 if self.train else self.crops)
+            wav = torch.zeros(n_audio, dtype=torch.int16) if audio is None else torch.from_numpy(
+                window_audio(audio, start=start, seconds=self.window, sample_rate=self.sample_rate).astype(np.int16))
+            for view_c, box in enumerate(boxes):
+                if has_video:
+                    video = crop_resize(clip, box, self.image_size)
+                    if self.train:
+                        if self.flip and rng.random() < 0.5:
+                            video = video.flip(-1)
+                        if rng.random() < self.color_prob:
+                            video = colour_augment(video, rng)
+                else:
+                    video = torch.zeros(self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
+                yield {"video": video, "audio": wav, "label": label, "has_video": torch.tensor(has_video),
+                       "has_audio": torch.tensor(audio is not None), "key": key,
+                       "view": torch.tensor(view_w * len(boxes) + view_c)}
+
+    def _boxes(self, clip: torch.Tensor, rng: random.Random):
+        h, w = clip.shape[-2:]
+        if self.train:
+            return [random_resized_box(h, w, scale=(self.min_crop_scale, 1.0), ratio=self.aspect_ratio, rng=rng)]
+        return eval_crop_boxes(h, w, self.crops)
+
+
+def _slot() -> tuple[int, int]:
+    """(this slot, number of slots) over all ranks and data-loader workers."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    wid, workers = (info.id, info.num_workers) if info else (0, 1)
+    return rank * workers + wid, world * workers
+
+
+class ShardStream(IterableDataset):
+    def __init__(self, *, shards: Sequence[str], counts: Sequence[int], sampler: ClipSampler, train: bool,
+                 samples_per_slot: int | None = None, length: int | None = None, shuffle_buffer: int = 0,
+                 seed: int = 0):
+        self.shards, self.counts, self.sampler, self.train = list(shards), list(counts), sampler, train
+        self.samples_per_slot, self.length, self.shuffle_buffer, self.seed = samples_per_slot, length, shuffle_buffer, seed
+        self.epoch = 0  # advanced by every __iter__ (workers are persistent, so each keeps its own count)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("evaluation streams have no fixed length")
+        return self.length
+
+    def _raw(self, slot: int, slots: int, order_rng: random.Random):
+        import webdataset as wds
+
+        order = list(range(len(self.shards)))
+        if self.train:
+            order_rng.shuffle(order)  # the same permutation in every slot
+        if len(order) >= slots:  # deal shards to the slot with the fewest samples so far: balanced shares
+            totals, owner = [0] * slots, {}
+            for i in order:
+                owner[i] = min(range(slots), key=lambda s: totals[s])
+                totals[owner[i]] += self.counts[i]
+            mine, keep = [i for i in order if owner[i] == slot], None
+        else:
+            mine, keep = order, slot
+        n = 0
+        for sample in wds.tariterators.tarfile_samples([{"url": self.shards[i]} for i in mine]):
+            if keep is None or n % slots == keep:
+                yield sample
+            n += 1
+
+    def _samples(self, slot, slots, rng, order_rng):
+        for raw in self._raw(slot, slots, order_rng):
+            try:
+                yield from self.sampler(raw, rng)
+            except Exception as e:  # one unreadable sample must not end the epoch: count it and go on
+                self.skipped += 1
+                log.warning("skipping unreadable sample %s (%s): %s", raw.get("__key__"), raw.get("__url__"), e)
+
+    def __iter__(self):
+        slot, slots = _slot()
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if not self.train:
+            yield from self._samples(slot, slots, random.Random(self.seed), random.Random(self.seed))
+            return
+        for _, sample in zip(range(self.samples_per_slot), self._loop(slot, slots, epoch)):
+            yield sample
+
+    def _loop(self, slot, slots, epoch):
+        """This slot's samples (shard order shuffled, then a shuffle buffer), looping only if the epoch asks for
+        more than the slot has: the buffer works within one pass, so a pass never repeats a sample."""
+        for rep in range(1 << 30):
+            produced = False
+            rng = random.Random(hash((self.seed, epoch, slot, rep)))  # this slot's crops, flips, buffer
+            stream = self._samples(slot, slots, rng, order_rng=random.Random(hash((self.seed, epoch, rep))))
+            if self.shuffle_buffer > 1:
+                stream = _shuffled(stream, self.shuffle_buffer, rng)
+            for sample in stream:
+                produced = True
+                yield sample
+            if not produced:
+                raise RuntimeError(f"slot {slot}/{slots} found no readable samples in {len(self.shards)} shards")
+
+
+def _shuffled(stream, size: int, rng: random.Random):
+    buffer = []
+    for sample in stream:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """`data=shards data.root=DIR`: the manifest gives classes, splits and epoch length; absent splits are not run."""
+
+    def __init__(self, *, root: str, batch_size: int = 8, num_workers: int = 4, num_frames: int = 8,
+                 frame_rate: float = 3.125, image_size: int = 224, sample_rate: int = 48_000,
+                 min_crop_scale: float = 0.3, aspect_ratio: Sequence[float] = (0.75, 1.3333), flip: bool = True,
+                 color_prob: float = 0.8, shuffle_buffer: int = 512, eval_windows: int = 4, eval_crops: int = 3,
+                 epoch_length: int | None = None, train_split: str = "train", val_split: str = "val",
+                 test_split: str = "test", modalities: Sequence[str] = ("audio", "video"), pin_memory: bool = False,
+                 seed: int = 0):
+        super().__init__()
+        self.root = Path(root)
+        self.manifest = read_manifest(root)
+        self.info = DatasetInfo(num_classes=len(self.manifest["classes"]), multi_label=bool(self.manifest["multi_label"]),
+                                class_names=tuple(self.manifest["classes"]))
+        if not set(modalities) <= {"audio", "video"} or not modalities:
+            raise ValueError(f"modalities must be a non-empty subset of (audio, video), got {modalities}")
+        self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
+        self.epoch_length, self.shuffle_buffer = epoch_length, shuffle_buffer
+        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        common = dict(num_classes=self.info.num_classes, multi_label=self.info.multi_label, num_frames=num_frames,
+                      frame_rate=frame_rate, image_size=image_size, sample_rate=sample_rate,
+                      min_crop_scale=min_crop_scale, aspect_ratio=aspect_ratio, flip=flip, color_prob=color_prob,
+                      modalities=modalities)
+        self.samplers = {"train": ClipSampler(train=True, windows=1, crops=1, **common),
+                         "eval": ClipSampler(train=False, windows=eval_windows, crops=eval_crops, **common)}
+        self._streams: dict[str, ShardStream] = {}
+
+    def has_split(self, stage: str) -> bool:
+        split = self.manifest["splits"].get(self.split_names.get(stage, stage))
+        return bool(split and split["num_samples"])
+
+    def _world(self) -> int:
+        trainer = self.trainer  # None outside a Trainer (tests, benchmarks)
+        if trainer is not None:
+            return trainer.world_size
+        dist = torch.distributed
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def stream(self, stage: str) -> ShardStream:
+        split = self.manifest["splits"][self.split_names[stage]]
+        shards = [str(self.root / s["name"]) for s in split["shards"]]
+        counts = [s["num_samples"] for s in split["shards"]]
+        if stage != "train":
+            return ShardStream(shards=shards, counts=counts, sampler=self.samplers["eval"], train=False, seed=self.seed)
+        workers = max(1, self.num_workers)
+        per_rank = (self.epoch_length or split["num_samples"]) // self._world()
+        per_slot = max(per_rank // workers // self.batch_size, 1) * self.batch_size  # whole batches, equal everywhere
+        return ShardStream(shards=shards, counts=counts, sampler=self.samplers["train"], train=True,
+                           samples_per_slot=per_slot, length=per_slot * workers, shuffle_buffer=self.shuffle_buffer,
+                           seed=self.seed)
+
+    def _loader(self, stage: str):
+        if not self.has_split(stage):
+            return []  # Lightning skips a stage whose loader is empty
+        if stage not in self._streams:
+            self._streams[stage] = self.stream(stage)
+        return DataLoader(self._streams[stage], batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
+                          drop_last=stage == "train")
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def predict_dataloader(self):
+        return self._loader("test")
