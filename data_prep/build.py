@@ -108,14 +108,22 @@ def encode_sample(task: dict) -> tuple:
     return ("ok", members)
 
 
-def _quiet_worker() -> None:
-    """FFmpeg/decord log decode errors straight to stderr; they are in skipped.csv already."""
+def _init_worker() -> None:
+    # Die with the parent: a killed run must not leave decoders behind (Linux; elsewhere best effort).
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    # FFmpeg/decord print decode errors straight to stderr; they are in skipped.csv already.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
 
 
 def _pool(workers: int) -> cf.ProcessPoolExecutor:
-    return cf.ProcessPoolExecutor(max_workers=workers, initializer=_quiet_worker)
+    return cf.ProcessPoolExecutor(max_workers=workers, initializer=_init_worker)
 
 
 def _kill(pool: cf.ProcessPoolExecutor) -> None:

@@ -35,3 +35,25 @@ def run_script(*args, cwd=ROOT, timeout=600, check=True, env=None):
 def tiny(tmp_path):
     """Overrides for a seconds-long CPU run that writes below tmp_path."""
     return ["debug=tiny", "logger=none", f"paths.log_dir={tmp_path}"]
+
+
+# -- real encoded media, made once per test session ---------------------------------------------------------
+DEMO_CLIPS = 16  # 4 per class: every split gets every class (make_demo assigns splits per class)
+PREP_ARGS = ["--short-side", "48", "--sample-rate", "16000", "--max-samples-per-shard", "3", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def demo_videos(tmp_path_factory):
+    from data_prep.make_demo import make_demo
+
+    out = tmp_path_factory.mktemp("videos")
+    labels = make_demo(out, num_clips=DEMO_CLIPS, seed=0, seconds=1.6, width=64, height=48)
+    return out, labels
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_videos, tmp_path_factory):
+    videos, labels = demo_videos
+    out = tmp_path_factory.mktemp("shards")
+    run_script("-m", "data_prep", "--videos", videos, "--labels", labels, "--out", out, "--workers", "2", *PREP_ARGS)
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,12 @@ class DecodedClip:
     @property
     def has_audio(self) -> bool:
         return self.audio is not None
+
+
+def _short(prefix: str, error: Exception) -> str:
+    """One deterministic line: decord prefixes its messages with a clock time and a source location."""
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(error)).splitlines()
+    return f"{prefix}: {text[0] if text else type(error).__name__}"[:200]
 
 
 def check_file(path: str) -> None:
@@ -173,12 +180,12 @@ def decode_media(path: str, *, fps: float = 6.25, short_side: int | None = 256, 
         except MediaError:
             raise
         except Exception as e:  # decord raises its own DECORDError / RuntimeError on unreadable input
-            errors.append(f"decord video: {e}".splitlines()[0][:200])
+            errors.append(_short("decord video", e))
     try:
         audio = _soundfile_audio(path, sample_rate) if audio_only and path.lower().endswith((".wav", ".flac", ".ogg")) \
             else _decord_audio(path, sample_rate)
     except Exception as e:
-        errors.append(f"audio: {e}".splitlines()[0][:200])
+        errors.append(_short("audio", e))
     if frames is None and not audio_only or audio is None and errors:
         # decord could not read part of it: PyAV reads some containers decord cannot (VP9 webm w/o duration)
         try:
@@ -190,7 +197,7 @@ def decode_media(path: str, *, fps: float = 6.25, short_side: int | None = 256, 
             if audio is None and pv_audio is not None:
                 audio = pv_audio
         except Exception as e:
-            errors.append(f"pyav: {e}".splitlines()[0][:200])
+            errors.append(_short("pyav", e))
 
     if frames is None and audio is None:
         if _looks_like_text(path):
