@@ -122,6 +122,27 @@ class ClipSampler:
         return eval_crop_boxes(h, w, self.crops)
 
 
+def assign_shards(counts: Sequence[int], slots: int) -> list[list[int]]:
+    """Shards per slot, balanced by sample count (largest first, each to the emptiest slot). Fixed across
+    epochs, so every rank knows every slot's share and an epoch can be cut to the smallest share: no sample
+    repeats within an epoch and every rank runs the same number of steps."""
+    if len(counts) < slots:
+        return [[] for _ in range(slots)]
+    shares, totals = [[] for _ in range(slots)], [0] * slots
+    for i in sorted(range(len(counts)), key=lambda i: (-counts[i], i)):
+        s = min(range(slots), key=lambda s: (totals[s], s))
+        shares[s].append(i)
+        totals[s] += counts[i]
+    return [sorted(share) for share in shares]
+
+
+def samples_per_slot(counts: Sequence[int], slots: int) -> int:
+    """The smallest slot's sample count (what every slot can deliver without repeating)."""
+    if len(counts) < slots:
+        return sum(counts) // slots
+    return min(sum(counts[i] for i in share) for share in assign_shards(counts, slots))
+
+
 def _slot() -> tuple[int, int]:
     """(this slot, number of slots) over all ranks and data-loader workers."""
     rank, world = 0, 1
@@ -149,17 +170,11 @@ class ShardStream(IterableDataset):
     def _raw(self, slot: int, slots: int, order_rng: random.Random):
         import webdataset as wds
 
-        order = list(range(len(self.shards)))
-        if self.train:
-            order_rng.shuffle(order)  # the same permutation in every slot
-        if len(order) >= slots:  # deal shards to the slot with the fewest samples so far: balanced shares
-            totals, owner = [0] * slots, {}
-            for i in order:
-                owner[i] = min(range(slots), key=lambda s: totals[s])
-                totals[owner[i]] += self.counts[i]
-            mine, keep = [i for i in order if owner[i] == slot], None
-        else:
-            mine, keep = order, slot
+        mine, keep = assign_shards(self.counts, slots)[slot], None
+        if len(self.shards) < slots:  # fewer shards than slots: everyone reads all, keeps every slots-th sample
+            mine, keep = list(range(len(self.shards))), slot
+        elif self.train:
+            order_rng.shuffle(mine)  # a new shard order every epoch; the shuffle buffer mixes further
         n = 0
         for sample in wds.tariterators.tarfile_samples([{"url": self.shards[i]} for i in mine]):
             if keep is None or n % slots == keep:
@@ -258,8 +273,11 @@ class ShardDataModule(pl.LightningDataModule):
         if stage != "train":
             return ShardStream(shards=shards, counts=counts, sampler=self.samplers["eval"], train=False, seed=self.seed)
         workers = max(1, self.num_workers)
-        per_rank = (self.epoch_length or split["num_samples"]) // self._world()
-        per_slot = max(per_rank // workers // self.batch_size, 1) * self.batch_size  # whole batches, equal everywhere
+        slots = workers * self._world()
+        per_slot = samples_per_slot(counts, slots)  # no repeats within an epoch
+        if self.epoch_length:  # a fixed epoch length (shorter, or longer with repeats)
+            per_slot = self.epoch_length // slots
+        per_slot = max(per_slot // self.batch_size, 1) * self.batch_size  # whole batches, equal everywhere
         return ShardStream(shards=shards, counts=counts, sampler=self.samplers["train"], train=True,
                            samples_per_slot=per_slot, length=per_slot * workers, shuffle_buffer=self.shuffle_buffer,
                            seed=self.seed)

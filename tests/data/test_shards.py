@@ -1,0 +1,133 @@
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import zorro.data.shards as shards_module
+from zorro.data.mixed import MixedModalityDataModule
+from zorro.data.shards import ShardDataModule
+from zorro.run import train
+
+from ..conftest import compose_cfg
+
+SIZES = dict(num_frames=4, image_size=32, sample_rate=16000)
+
+
+def manifest_of(root):
+    return json.loads((root / "manifest.json").read_text())
+
+
+def dm(root, **kw):
+    return ShardDataModule(root=str(root), **{**SIZES, "batch_size": 2, "num_workers": 0, **kw})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_batches_follow_the_contract(demo_shards, workers):
+    module = dm(demo_shards, num_workers=workers)
+    loader = module.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) > 0
+    for b in batches:
+        assert b["video"].dtype == torch.uint8 and b["video"].shape == (2, 4, 3, 32, 32)
+        assert b["audio"].dtype == torch.int16 and b["audio"].shape == (2, int(16000 * 4 / 3.125))
+        assert b["label"].dtype == torch.int64 and b["label"].shape == (2,)
+        assert b["has_audio"].dtype == torch.bool and b["has_video"].dtype == torch.bool
+        assert isinstance(b["key"], list) and len(b["key"]) == 2
+        assert not b["video"][~b["has_video"]].any() and not b["audio"][~b["has_audio"]].any()  # zeros where absent
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == len(set(keys))  # no sample twice within an epoch
+    flags = torch.cat([b["has_video"] for b in batches])
+    assert module.info.num_classes == 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epochs_are_reshuffled_with_a_fixed_length(demo_shards, workers):
+    loader = dm(demo_shards, num_workers=workers, batch_size=1).train_dataloader()
+    first, second = ([k for b in loader for k in b["key"]] for _ in range(2))
+    assert len(first) == len(second) == len(loader)
+    assert first != second and len(set(first)) == len(first) and len(set(second)) == len(second)
+    if workers == 0:  # one slot reads everything: the same clips in a new order
+        assert sorted(first) == sorted(second)
+
+
+def test_evaluation_yields_windows_times_crops_views_per_clip(demo_shards):
+    module = dm(demo_shards, eval_windows=2, eval_crops=3)
+    test_clips = manifest_of(demo_shards)["splits"]["test"]["num_samples"]
+    counts = Counter(k for b in module.test_dataloader() for k in b["key"])
+    assert len(counts) == test_clips
+    for key, n in counts.items():
+        assert n in (3, 6)  # clips shorter than the 1.28 s window get one (looped) window
+
+
+def test_more_workers_than_shards(demo_shards):
+    module = dm(demo_shards, num_workers=2)
+    val = manifest_of(demo_shards)["splits"]["val"]
+    assert len(val["shards"]) < 3  # the case under test: fewer shards than 2 workers x ...
+    keys = [k for b in module.val_dataloader() for k in b["key"]]
+    assert len(set(keys)) == val["num_samples"]
+
+
+def test_two_ranks_see_disjoint_samples_that_cover_the_split(demo_shards, monkeypatch):
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr(shards_module, "_slot", lambda rank=rank: (rank, 2))
+        module = dm(demo_shards, eval_windows=1, eval_crops=1)
+        seen.append({k for b in module.test_dataloader() for k in b["key"]})
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == manifest_of(demo_shards)["splits"]["test"]["num_samples"]
+
+
+def test_audio_only_modality_zeroes_video(demo_shards):
+    b = next(iter(dm(demo_shards, modalities=["audio"]).train_dataloader()))
+    assert not b["has_video"].any() and not b["video"].any()
+
+
+def test_a_missing_split_is_not_run(demo_shards, tmp_path):
+    root = tmp_path / "shards"
+    shutil.copytree(demo_shards, root)
+    manifest = manifest_of(root)
+    del manifest["splits"]["val"], manifest["splits"]["test"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    module = dm(root)
+    assert not module.has_split("val") and module.val_dataloader() == []
+    cfg = compose_cfg(overrides=["model=zorro_vit_tiny", "logger=none", "data=shards", f"data.root={root}",
+                                 "data.num_workers=0",
+                                 "data.batch_size=2", "trainer.max_epochs=1"], output_dir=tmp_path / "run")
+    metrics = train(cfg)
+    assert "train/loss" in metrics and not any(k.startswith("val/") for k in metrics)
+
+
+def test_shards_config_instantiates(demo_shards, tmp_path):
+    cfg = compose_cfg(overrides=["model=zorro_vit_tiny", "data=shards", f"data.root={demo_shards}"], output_dir=tmp_path)
+    module = instantiate(cfg.data)
+    assert module.info.class_names == ("blue_high", "blue_low", "red_high", "red_low")
+    assert module.samplers["train"].num_frames == cfg.model.num_frames
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m data_prep"):
+        dm(tmp_path)
+
+
+def test_mixed_modalities_draw_whole_batches_from_each_dataset(demo_shards, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(demo_shards, other)
+    manifest = manifest_of(other)
+    manifest["classes"] = ["a", "b", "c", "d"]  # another label space: the union has 8 classes
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    module = MixedModalityDataModule(audio_root=str(demo_shards), video_root=str(other), p_audio=0.5,
+                                     batch_size=2, num_workers=0, **SIZES)
+    assert module.info.num_classes == 8
+    names = module.info.class_names
+    sources = Counter()
+    for _ in range(3):
+        for b in module.train_dataloader():
+            sources[b["source"]] += 1
+            absent = "has_video" if b["source"] == "audio" else "has_audio"
+            assert not b[absent].any()  # the other modality is zeroed and flagged: no loss for it
+            own = manifest_of(demo_shards if b["source"] == "audio" else other)["classes"]
+            assert all(names[i] in own for i in b["label"].tolist())
+    assert sources["audio"] > 3 and sources["video"] > 3
