@@ -47,6 +47,7 @@ def build(cfg: DictConfig):
     task = instantiate(cfg.task, backbone=backbone, dataset=datamodule.info, optimizer=instantiate(cfg.optimizer),
                        scheduler=scheduler)
     task.run_config = OmegaConf.to_container(cfg, resolve=True)  # saved in checkpoints for evaluate.py
+    task.dataset_info = datamodule.info
 
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     callbacks = []

@@ -102,3 +102,12 @@ def test_multilabel_scores_ignore_classes_without_positives():
     scores = classification_scores(probs, labels, multi_label=True)
     assert scores["mAP"] == pytest.approx(1.0) and scores["AUC"] == pytest.approx(1.0)
     assert scores["dprime"] > 3
+
+
+def test_a_single_clip_can_be_scored():
+    from zorro.tasks.metrics import ClipPredictions, classification_scores
+
+    clips = ClipPredictions()
+    clips.update(torch.tensor([[0.2, 0.8], [0.4, 0.6]]), torch.tensor([1, 1]), ["a", "a"])
+    probs, labels = clips.compute()
+    assert classification_scores(probs, labels, multi_label=False)["top1"] == 1.0

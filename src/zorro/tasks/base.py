@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -84,9 +85,13 @@ class BaseTask(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer, total_steps=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # The resolved Hydra config travels in every checkpoint, so evaluate.py can rebuild the run from it.
+    # The resolved Hydra config and the class names travel in every checkpoint, so evaluate.py can rebuild
+    # the run and zorro.predict can name classes without the dataset.
     run_config: dict | None = None
+    dataset_info = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["zorro_config"] = self.run_config
+        if self.dataset_info is not None:
+            checkpoint["zorro_dataset"] = dataclasses.asdict(self.dataset_info)

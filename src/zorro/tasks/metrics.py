@@ -57,7 +57,8 @@ class ClipPredictions(Metric):
 
 def classification_scores(probs: torch.Tensor, labels: torch.Tensor, *, multi_label: bool) -> dict[str, torch.Tensor]:
     """mAP (macro, over classes with positives), AUC and d-prime for multi-label; top-1/top-5 otherwise."""
-    C = probs.shape[1]
+    labels = labels.reshape(probs.shape[0], *labels.shape[1:]) if labels.ndim == 0 else labels  # Metric.compute
+    C = probs.shape[1]                                                                          # squeezes 1 clip
     if multi_label:
         target = labels.long()
         has_pos = target.sum(0) > 0

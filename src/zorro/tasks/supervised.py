@@ -120,7 +120,7 @@ class SupervisedTask(BaseTask):
             probs, labels = predictions.compute()  # gathered across processes, averaged per clip
             for metric, value in classification_scores(probs, labels, multi_label=self.dataset.multi_label).items():
                 values[f"{stage}/{inputs}/{name}/{metric}"] = value
-            values[f"{stage}/num_clips"] = torch.tensor(float(len(labels)))
+            values[f"{stage}/num_clips"] = torch.tensor(float(probs.shape[0]))
             predictions.reset()
         primary = f"{stage}/{self.eval_inputs[0]}/avg/{self.metric_name}"
         if primary in values:
