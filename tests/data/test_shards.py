@@ -131,3 +131,17 @@ def test_mixed_modalities_draw_whole_batches_from_each_dataset(demo_shards, tmp_
             own = manifest_of(demo_shards if b["source"] == "audio" else other)["classes"]
             assert all(names[i] in own for i in b["label"].tolist())
     assert sources["audio"] > 3 and sources["video"] > 3
+
+
+def test_reading_an_audio_span_equals_slicing_the_whole_clip(demo_shards):
+    import webdataset as wds
+
+    module = dm(demo_shards)
+    sampler = module.samplers["train"]
+    shard = demo_shards / manifest_of(demo_shards)["splits"]["train"]["shards"][0]["name"]
+    raw = next(s for s in wds.tariterators.tarfile_samples([{"url": str(shard)}]) if "flac" in s)
+    meta = json.loads(raw["json"])
+    whole = sampler.audio(raw, meta)
+    span = sampler.audio(raw, meta, span=(0.5, 0.64))
+    assert len(span) == int(0.64 * 16000)
+    assert (span == whole[8000 : 8000 + len(span)]).all()

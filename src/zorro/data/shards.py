@@ -64,13 +64,22 @@ class ClipSampler:
             raise ValueError(f"single-label data but clip {meta.get('key')} has labels {ids}")
         return torch.tensor(ids[0])
 
-    def audio(self, raw: dict, meta: dict) -> np.ndarray | None:
+    def audio(self, raw: dict, meta: dict, span: tuple[float, float] | None = None) -> np.ndarray | None:
+        """The clip's audio at the model's rate; only `span` = (start, seconds) of it when given and inside
+        the clip (training reads 2.56 s, not the whole 10 s clip)."""
         if not meta.get("has_audio") or "audio" not in self.modalities:
             return None
         import soundfile as sf
 
-        data = raw.get("flac") or raw.get("wav")
-        wav, sr = sf.read(io.BytesIO(data), dtype="int16", always_2d=False)
+        with sf.SoundFile(io.BytesIO(raw.get("flac") or raw.get("wav"))) as f:
+            sr = f.samplerate
+            if span is not None:
+                f.seek(min(int(span[0] * sr), f.frames))
+                wav = f.read(int(round(span[1] * sr)), dtype="int16")
+            else:
+                wav = f.read(dtype="int16")
+        if wav.ndim > 1:
+            wav = wav.mean(axis=1).astype(np.int16)
         if sr != self.sample_rate:
             import torchaudio.functional as AF
 
@@ -83,12 +92,17 @@ class ClipSampler:
         key, label = meta["key"], self.label(meta)
         frames = sorted(((int(m.group(1)), k) for k in raw if (m := FRAME.match(k))))
         has_video = bool(meta.get("has_video")) and bool(frames) and "video" in self.modalities
-        audio = self.audio(raw, meta)
         duration = float(meta.get("duration") or 0.0)
         if self.train:
             starts = [rng.uniform(0, max(duration - self.window, 0.0))]
         else:
             starts = window_starts(duration, self.window, self.windows)
+        offset = 0.0  # time of the first sample of `audio`
+        if len(starts) == 1 and starts[0] + self.window <= duration:
+            offset = starts[0]
+            audio = self.audio(raw, meta, span=(offset, self.window))
+        else:  # several windows, or a short clip to loop
+            audio = self.audio(raw, meta)
         n_audio = int(round(self.window * self.sample_rate))
         for view_w, start in enumerate(starts):
             if has_video:
@@ -100,7 +114,8 @@ class ClipSampler:
             else:
                 boxes = [None] * (1 if self.train else self.crops)
             wav = torch.zeros(n_audio, dtype=torch.int16) if audio is None else torch.from_numpy(
-                window_audio(audio, start=start, seconds=self.window, sample_rate=self.sample_rate).astype(np.int16))
+                window_audio(audio, start=start - offset, seconds=self.window, sample_rate=self.sample_rate
+                             ).astype(np.int16))
             for view_c, box in enumerate(boxes):
                 if has_video:
                     video = crop_resize(clip, box, self.image_size)
