@@ -91,7 +91,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if "zorro_config" not in ckpt:
         raise ValueError(f"{cfg.ckpt_path} has no saved run config; was it written by train.py?")
     run = OmegaConf.create(ckpt["zorro_config"])
-    run.data = OmegaConf.merge(run.data, cfg.get("data") or {})
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.get("data") or {}).items() if v is not None}
+    run.data = OmegaConf.merge(run.data, overrides)
     run.trainer = cfg.trainer
     if "eval_inputs" in run.task:
         run.task.eval_inputs = list(cfg.eval_inputs)
