@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--default-split", default="train", help="split for rows without one")
     p.add_argument("--class-map", type=Path, default=None, help="AudioSet class_labels_indices.csv (MID -> name)")
     p.add_argument("--esc50-test-fold", type=int, default=None, help="ESC-50: this fold becomes the test split")
+    p.add_argument("--split-by-fold", action="store_true",
+                   help="use the fold column as the split (fold1, fold2, ...) for cross-validation (data.cv_fold=K)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung decode is given up")
     p.add_argument("--stop-after-rows", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulated kill
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -56,6 +58,13 @@ def main(argv=None) -> int:
     except (ValueError, KeyError, IndexError) as e:
         print(f"error: cannot read {args.labels} as {args.format}: {e}", file=sys.stderr)
         return 2
+    if args.split_by_fold:
+        missing = [r.index for r in rows if r.fold is None]
+        if missing:
+            print(f"error: --split-by-fold but {len(missing)} rows have no fold (first: row {missing[0]})", file=sys.stderr)
+            return 2
+        for r in rows:
+            r.split = f"fold{r.fold}"
     options = Options(fps=args.fps, short_side=args.short_side, sample_rate=args.sample_rate,
                       audio_format=args.audio_format, max_seconds=args.max_seconds, min_seconds=args.min_seconds,
                       require_audio=args.require_audio, require_video=args.require_video,

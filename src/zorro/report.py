@@ -1,9 +1,10 @@
 """Turn a multirun directory into one table in the layout of the paper's Table 3.
 
-    python -m zorro.report logs/multiruns/2026-11-24/12-00-00 [--stage test] [--head avg]
+    python -m zorro.report logs/multiruns/2026-11-24/12-00-00 [--stage test] [--head avg] [--cv data.cv_fold]
 
 Rows: the swept choices (the overrides that differ between jobs, e.g. masking); columns: V / A / A+V
-(the averaged prediction with only video, only audio, or both inputs). Prints Markdown and writes
+(the averaged prediction with only video, only audio, or both inputs). With `--cv KEY` the jobs that differ
+only in KEY (e.g. the 5 ESC-50 folds) become one row with mean +- std. Prints Markdown and writes
 `report.md` and `report.csv` into the directory.
 """
 
@@ -43,16 +44,32 @@ def metric_name(metrics: dict, stage: str, head: str) -> str | None:
     return None
 
 
-def build_table(jobs: list[dict], stage: str = "test", head: str = "avg") -> tuple[list[str], list[list[str]]]:
-    keys = swept_keys(jobs)
+def build_table(jobs: list[dict], stage: str = "test", head: str = "avg",
+                cv: str | None = None) -> tuple[list[str], list[list[str]]]:
+    keys = [k for k in swept_keys(jobs) if k != cv]
     metric = next((m for j in jobs if (m := metric_name(j["metrics"], stage, head))), None)
     header = [*keys, *(f"{label} {metric or ''}".strip() for _, label in COLUMNS)]
+    if cv:
+        header.append(f"folds ({cv})")
+    groups: dict[tuple, list[dict]] = {}
+    for job in jobs:  # without --cv every job is its own group
+        group = tuple(job["overrides"].get(k, "") for k in keys) if cv else (len(groups),)
+        groups.setdefault(group, []).append(job)
     rows = []
-    for job in jobs:
-        row = [job["overrides"].get(k, "") for k in keys]
+    for members in groups.values():
+        row = [members[0]["overrides"].get(k, "") for k in keys]
         for inputs, _ in COLUMNS:
-            value = job["metrics"].get(f"{stage}/{inputs}/{head}/{metric}")
-            row.append(f"{100 * value:.1f}" if value is not None else "-")
+            values = [m["metrics"][k] for m in members if (k := f"{stage}/{inputs}/{head}/{metric}") in m["metrics"]]
+            if not values:
+                row.append("-")
+            elif cv:
+                mean = sum(values) / len(values)
+                std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+                row.append(f"{100 * mean:.1f} ± {100 * std:.1f}")
+            else:
+                row.append(f"{100 * values[0]:.1f}")
+        if cv:
+            row.append(",".join(sorted(m["overrides"].get(cv, "?") for m in members)))
         rows.append(row)
     return header, rows
 
@@ -68,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("multirun_dir", type=Path)
     p.add_argument("--stage", default="test", choices=["test", "val"])
     p.add_argument("--head", default="avg", help="output head (avg, audio, video, fusion, global)")
+    p.add_argument("--cv", default=None, help="the override that indexes cross-validation folds, e.g. data.cv_fold")
     args = p.parse_args(argv)
     if not args.multirun_dir.is_dir():
         print(f"error: {args.multirun_dir} is not a directory", file=sys.stderr)
@@ -77,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no */metrics.json below {args.multirun_dir} (is it a multirun directory of train.py?)",
               file=sys.stderr)
         return 2
-    header, rows = build_table(jobs, args.stage, args.head)
+    header, rows = build_table(jobs, args.stage, args.head, args.cv)
     table = markdown(header, rows)
     print(table)
     (args.multirun_dir / "report.md").write_text(table + "\n")

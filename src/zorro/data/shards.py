@@ -250,8 +250,8 @@ class ShardDataModule(pl.LightningDataModule):
                  min_crop_scale: float = 0.3, aspect_ratio: Sequence[float] = (0.75, 1.3333), flip: bool = True,
                  color_prob: float = 0.8, shuffle_buffer: int = 512, eval_windows: int = 4, eval_crops: int = 3,
                  epoch_length: int | None = None, train_split: str = "train", val_split: str = "val",
-                 test_split: str = "test", modalities: Sequence[str] = ("audio", "video"), pin_memory: bool = False,
-                 seed: int = 0):
+                 test_split: str = "test", cv_fold: int | None = None,
+                 modalities: Sequence[str] = ("audio", "video"), pin_memory: bool = False, seed: int = 0):
         super().__init__()
         self.root = Path(root)
         self.manifest = read_manifest(root)
@@ -261,7 +261,17 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError(f"modalities must be a non-empty subset of (audio, video), got {modalities}")
         self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
         self.epoch_length, self.shuffle_buffer = epoch_length, shuffle_buffer
-        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        # Each stage reads one or more manifest splits. Cross-validation (ESC-50: shards written with
+        # `data_prep --split-by-fold`): fold k is the test set, the other folds train, and there is no
+        # validation split (selecting checkpoints on the test fold would leak it).
+        self.split_names = {"train": [train_split], "val": [val_split], "test": [test_split]}
+        if cv_fold is not None:
+            folds = sorted(k for k in self.manifest["splits"] if re.fullmatch(r"fold\d+", k))
+            if f"fold{cv_fold}" not in folds:
+                raise ValueError(f"cv_fold={cv_fold}: {root} has splits {sorted(self.manifest['splits'])}; "
+                                 f"write them with `python -m data_prep ... --split-by-fold`")
+            self.split_names = {"train": [f for f in folds if f != f"fold{cv_fold}"], "val": [],
+                                "test": [f"fold{cv_fold}"]}
         common = dict(num_classes=self.info.num_classes, multi_label=self.info.multi_label, num_frames=num_frames,
                       frame_rate=frame_rate, image_size=image_size, sample_rate=sample_rate,
                       min_crop_scale=min_crop_scale, aspect_ratio=aspect_ratio, flip=flip, color_prob=color_prob,
@@ -270,9 +280,12 @@ class ShardDataModule(pl.LightningDataModule):
                          "eval": ClipSampler(train=False, windows=eval_windows, crops=eval_crops, **common)}
         self._streams: dict[str, ShardStream] = {}
 
+    def _shards(self, stage: str) -> list[dict]:
+        names = self.split_names.get(stage, [stage])
+        return [s for name in names for s in self.manifest["splits"].get(name, {}).get("shards", [])]
+
     def has_split(self, stage: str) -> bool:
-        split = self.manifest["splits"].get(self.split_names.get(stage, stage))
-        return bool(split and split["num_samples"])
+        return sum(s["num_samples"] for s in self._shards(stage)) > 0
 
     def _world(self) -> int:
         trainer = self.trainer  # None outside a Trainer (tests, benchmarks)
@@ -282,9 +295,8 @@ class ShardDataModule(pl.LightningDataModule):
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     def stream(self, stage: str) -> ShardStream:
-        split = self.manifest["splits"][self.split_names[stage]]
-        shards = [str(self.root / s["name"]) for s in split["shards"]]
-        counts = [s["num_samples"] for s in split["shards"]]
+        shards = [str(self.root / s["name"]) for s in self._shards(stage)]
+        counts = [s["num_samples"] for s in self._shards(stage)]
         if stage != "train":
             return ShardStream(shards=shards, counts=counts, sampler=self.samplers["eval"], train=False, seed=self.seed)
         workers = max(1, self.num_workers)
