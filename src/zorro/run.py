@@ -140,3 +140,7 @@ def _report(metrics: dict[str, float], stage: str) -> None:
     table = metric_table(metrics, stage)
     if table:
         print(f"\n{stage} metrics (%), by output and input modalities:\n{table}\n", flush=True)
+    recall = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{stage}/") and "_R@" in k}
+    if recall:  # contrastive runs: retrieval between the audio and video embeddings
+        print(f"\n{stage} retrieval (%): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in sorted(recall.items())),
+              flush=True)

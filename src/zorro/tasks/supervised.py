@@ -92,9 +92,9 @@ class SupervisedTask(BaseTask):
         self.log_dict({f"train/loss_{n}": l for n, l in losses.items()}, batch_size=bs)
         return loss
 
-    def predict_probs(self, batch: dict, inputs: str = "audio_video") -> dict[str, torch.Tensor]:
+    def predict_probs(self, batch: dict, inputs: str = "audio_video", outputs: dict | None = None) -> dict:
         """{head: B x C probabilities} plus "avg", the paper's averaged prediction."""
-        outputs = self(batch, inputs)
+        outputs = self(batch, inputs) if outputs is None else outputs
         probs = {n: self.probabilities(self.heads[n](outputs[n])) for n in self.output_names if n in outputs}
         probs["avg"] = torch.stack(list(probs.values())).mean(0)
         return probs
@@ -102,14 +102,13 @@ class SupervisedTask(BaseTask):
     def _eval_step(self, batch: dict, clips: nn.ModuleDict, stage: str) -> None:
         label, keys = batch["label"], batch.get("key")
         for inputs in self.eval_inputs:
-            probs = self.predict_probs(batch, inputs)
-            for name, p in probs.items():
+            outputs = self(batch, inputs)
+            for name, p in self.predict_probs(batch, inputs, outputs).items():
                 clips[f"{inputs}-{name}"].update(p, label, keys)
-        if "audio_video" in self.eval_inputs:
-            target = self.soft_targets(label)
-            losses = self.losses(self(batch), target, batch)
-            self.log(f"{stage}/loss", torch.stack(list(losses.values())).mean(), batch_size=label.shape[0],
-                     sync_dist=True)
+            if inputs == "audio_video":  # the loss of the real inputs, from the same forward pass
+                losses = self.losses(outputs, self.soft_targets(label), batch)
+                self.log(f"{stage}/loss", torch.stack(list(losses.values())).mean(), batch_size=label.shape[0],
+                         sync_dist=True)
 
     def _eval_epoch_end(self, clips: nn.ModuleDict, stage: str) -> None:
         values = {}
