@@ -50,3 +50,7 @@ install-tpu:
 
 clean:
 	rm -rf $(VENV) .venv-tpu logs $(DEMO_DIR) .pytest_cache
+
+# The XLA path on XLA:CPU (tests/test_xla.py), in the TPU environment.
+test-xla:
+	PJRT_DEVICE=CPU .venv-tpu/bin/python -m pytest tests/test_xla.py $(PYTEST_ARGS)

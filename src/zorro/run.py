@@ -32,8 +32,8 @@ def _fill_run_names(cfg: DictConfig) -> None:
             cfg.group = Path(hc.sweep.dir).name
 
 
-def build(cfg: DictConfig):
-    """Instantiate (datamodule, task, trainer) from a composed config."""
+def build_task(cfg: DictConfig):
+    """Instantiate (datamodule, task) from a composed config."""
     check_config(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -48,7 +48,12 @@ def build(cfg: DictConfig):
                        scheduler=scheduler)
     task.run_config = OmegaConf.to_container(cfg, resolve=True)  # saved in checkpoints for evaluate.py
     task.dataset_info = datamodule.info
+    return datamodule, task
 
+
+def build(cfg: DictConfig):
+    """Instantiate (datamodule, task, trainer) from a composed config."""
+    datamodule, task = build_task(cfg)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     callbacks = []
     for name, c in (cfg.get("callbacks") or {}).items():

@@ -40,3 +40,27 @@ def test_video_normalisation():
     y = fe(x)
     assert y.dtype == torch.float32 and y.shape == x.shape
     torch.testing.assert_close(y[0, 0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_spec_augment_masks_whole_bands():
+    from zorro.models.frontends import _mask_along
+
+    torch.manual_seed(0)
+    x = torch.ones(64, 1, 16, 20)
+    y = _mask_along(x, 6, dim=2)
+    for b in range(64):
+        rows = (y[b, 0] == 0).all(dim=1)  # masked frequency rows are zero across all time steps
+        assert int(rows.sum()) < 6 and torch.equal(y[b, 0][~rows], x[b, 0][~rows])
+        idx = rows.nonzero().flatten()
+        assert len(idx) == 0 or (idx.diff() == 1).all()  # one contiguous band
+    assert (y == 0).any()
+
+
+def test_log_mel_equals_torchaudio_melspectrogram():
+    import torchaudio
+
+    fe = AudioFrontend(sample_rate=48_000, n_mels=128).eval()
+    wav = torch.randn(2, 122_880)
+    ref = torchaudio.transforms.MelSpectrogram(sample_rate=48_000, n_fft=2048, win_length=1200, hop_length=480,
+                                               n_mels=128, window_fn=torch.hann_window, power=2.0)(wav)[..., :256]
+    torch.testing.assert_close(fe(wav)[:, 0], ((ref + 1e-6).log() + 4.27) / (2 * 4.57))

@@ -34,18 +34,18 @@ class AudioFrontend(nn.Module):
         win = round(sample_rate * win_ms / 1000)
         self.hop = round(sample_rate * hop_ms / 1000)
         n_fft = 1 << (win - 1).bit_length()
-        self.melspec = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=n_fft, win_length=win, hop_length=self.hop, n_mels=n_mels,
-            window_fn=torch.hann_window, power=2.0)
+        # Spectrogram + MelScale = torchaudio's MelSpectrogram, but the power is taken from the real and
+        # imaginary parts: under torch_xla, |complex| stays complex and breaks the patch embedding.
+        self.spectrogram = torchaudio.transforms.Spectrogram(n_fft=n_fft, win_length=win, hop_length=self.hop,
+                                                             window_fn=torch.hann_window, power=None)
+        self.mel_scale = torchaudio.transforms.MelScale(n_mels=n_mels, sample_rate=sample_rate, n_stft=n_fft // 2 + 1)
         self.sample_rate, self.n_mels, self.mean, self.std = sample_rate, n_mels, mean, std
         # SpecAugment mask sizes (choice): AST's 48 of 128 mel bins and 192 of 1024 frames, halved because we
         # apply two masks of each kind; scaled to other input sizes.
         freq_mask = round(24 * n_mels / 128) if freq_mask is None else freq_mask
         time_mask = round(96 * clip_seconds / 10.24) if time_mask is None else time_mask
         self.spec_augment = spec_augment
-        self.num_masks = num_masks
-        self.freq_masking = torchaudio.transforms.FrequencyMasking(freq_mask, iid_masks=True)
-        self.time_masking = torchaudio.transforms.TimeMasking(time_mask, iid_masks=True)
+        self.num_masks, self.freq_mask, self.time_mask = num_masks, freq_mask, time_mask
         self.freq_jitter = freq_jitter  # max |shift| in mel bins; the paper's range is lost (choice)
 
     def num_frames(self, num_samples: int) -> int:
@@ -55,7 +55,8 @@ class AudioFrontend(nn.Module):
         if wav.dtype == torch.int16:
             wav = wav.float() / 32768.0
         with torch.autocast(wav.device.type, enabled=False):  # the FFT wants fp32
-            mel = self.melspec(wav.float())[..., : self.num_frames(wav.shape[-1])]
+            power = torch.view_as_real(self.spectrogram(wav.float())).square().sum(-1)
+            mel = self.mel_scale(power)[..., : self.num_frames(wav.shape[-1])]
             x = ((mel + 1e-6).log() - self.mean) / (2 * self.std)
         x = x.unsqueeze(1)
         if self.training and self.spec_augment:
@@ -64,7 +65,7 @@ class AudioFrontend(nn.Module):
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.num_masks):
-            x = self.time_masking(self.freq_masking(x))
+            x = _mask_along(_mask_along(x, self.freq_mask, dim=2), self.time_mask, dim=3)
         if self.freq_jitter:
             # Shift each example by its own integer number of mel bins; vacated bins get the batch mean (0).
             B, _, F, _ = x.shape
@@ -73,6 +74,22 @@ class AudioFrontend(nn.Module):
             valid = (src >= 0) & (src < F)
             x = torch.gather(x, 2, src.clamp(0, F - 1).expand_as(x)) * valid
         return x
+
+
+def _mask_along(x: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:
+    """SpecAugment's mask: per example a band of width U[0, max_width) at a uniform start is set to 0 (the
+    normalised mean). torchaudio's FrequencyMasking/TimeMasking(iid_masks=True) compute the same but build the
+    band with a float arange that torch_xla rejects, so the TPU path needs this integer version."""
+    if max_width <= 0:
+        return x
+    B, size = x.shape[0], x.shape[dim]
+    width = (torch.rand(B, device=x.device) * min(max_width, size)).long()
+    start = (torch.rand(B, device=x.device) * (size - width)).long()
+    pos = torch.arange(size, device=x.device)
+    band = (pos >= start[:, None]) & (pos < (start + width)[:, None])  # B x size
+    shape = [B] + [1] * (x.ndim - 1)
+    shape[dim] = size
+    return x.masked_fill(band.view(shape), 0.0)
 
 
 class VideoFrontend(nn.Module):

@@ -89,13 +89,17 @@ class ContrastiveTask(BaseTask):
         return {f"{a}_{b}": nce_loss(z[a], z[b], temperature=self.temperature, normalizer=self.normalizer)
                 for a, b in self.pairs}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, per-pair NCE terms) of a training batch; no logging, so any loop can drive it."""
         z, valid = self.embed(batch)
         losses = self.contrastive_loss(z, valid)
-        loss = sum(losses.values())
-        bs = valid.shape[0]
+        return sum(losses.values()), {f"nce_{k}": v for k, v in losses.items()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, parts = self.compute_loss(batch)
+        bs = len(batch["key"]) if "key" in batch else next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/nce_{k}": v for k, v in losses.items()}, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
         return loss
 
     def _eval_step(self, batch: dict) -> None:

@@ -81,15 +81,19 @@ class SupervisedTask(BaseTask):
         return losses
 
     # -- steps -------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, per-head losses) of a training batch; no logging, so any loop can drive it (XLA, tests)."""
         target = self.soft_targets(batch["label"])
         if self.mixup_alpha > 0:
             batch, target = self.mixup(batch, target)
         losses = self.losses(self(batch), target, batch)
-        loss = torch.stack(list(losses.values())).mean()
-        bs = target.shape[0]
+        return torch.stack(list(losses.values())).mean(), {f"loss_{n}": l for n, l in losses.items()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, parts = self.compute_loss(batch)
+        bs = batch["label"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/loss_{n}": l for n, l in losses.items()}, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
         return loss
 
     def predict_probs(self, batch: dict, inputs: str = "audio_video", outputs: dict | None = None) -> dict:
