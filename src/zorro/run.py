@@ -104,8 +104,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run.logger, run.callbacks = None, None
     with open_dict(run):
         run.paths = cfg.paths
-    datamodule, task, trainer = build(run)
     split = cfg.get("split", "test")
+    if cfg.get("protocol", "test") == "linear_probe":
+        return _linear_probe(cfg, run, ckpt, split)
+    datamodule, task, trainer = build(run)
     if not datamodule.has_split(split):
         raise ValueError(f"the data has no {split!r} split")
     run_eval = trainer.test if split == "test" else trainer.validate
@@ -116,6 +118,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     log.info("metrics written to %s", out / "metrics.json")
+    return metrics
+
+
+def _linear_probe(cfg: DictConfig, run: DictConfig, ckpt: dict, split: str) -> dict[str, float]:
+    from .probe import linear_probe
+
+    datamodule, task = build_task(run)
+    task.load_state_dict(ckpt["state_dict"])
+    for stage in ("train", split):
+        if not datamodule.has_split(stage):
+            raise ValueError(f"the linear probe needs a {stage!r} split")
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = datamodule.info
+    metrics = linear_probe(task.backbone, datamodule.feature_dataloader("train"), datamodule.feature_dataloader(split),
+                           num_classes=info.num_classes, multi_label=info.multi_label, out_dir=out,
+                           **OmegaConf.to_container(cfg.probe))
+    _report(metrics, "probe")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    log.info("linear-probe metrics and features written to %s", out)
     return metrics
 
 

@@ -318,6 +318,17 @@ class ShardDataModule(pl.LightningDataModule):
                           persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
                           drop_last=stage == "train")
 
+    def feature_dataloader(self, stage: str):
+        """Deterministic loader for frozen-feature extraction (linear probe): the train split as one central,
+        unaugmented view per clip; other splits with their evaluation views."""
+        if stage != "train":
+            return self._loader(stage)
+        sampler = ClipSampler(**{**vars(self.samplers["eval"]), "train": False, "windows": 1, "crops": 1})
+        stream = ShardStream(shards=[str(self.root / s["name"]) for s in self._shards("train")],
+                             counts=[s["num_samples"] for s in self._shards("train")], sampler=sampler, train=False,
+                             seed=self.seed)
+        return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
+
     def train_dataloader(self):
         return self._loader("train")
 

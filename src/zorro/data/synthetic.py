@@ -88,6 +88,9 @@ class SyntheticDataModule(pl.LightningDataModule):
         return DataLoader(self.splits[name], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
+    def feature_dataloader(self, stage: str):
+        return self._loader(stage, shuffle=False)
+
     def train_dataloader(self):
         return self._loader("train", shuffle=True)
 
