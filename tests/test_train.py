@@ -41,6 +41,7 @@ def test_train_then_evaluate_reproduces_the_validation_metric(tmp_path):
     metrics = evaluate(eval_cfg)
     assert metrics["val/score"] == pytest.approx(best_score, abs=1e-6)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (tmp_path / "eval" / "reports" / "test").exists() is False  # validation split: no test reports
     assert {"val/audio_video/avg/top1", "val/audio/avg/top1", "val/video/avg/top1"} <= set(saved)
 
 
@@ -86,6 +87,8 @@ def test_masking_sweep_multirun(tmp_path):
                       f"hydra.sweep.dir={tmp_path}", "logger=csv")
     jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").exists())
     assert len(jobs) == 4 and any("two_streams" in j for j in jobs), (jobs, proc.stdout[-2000:])
+    for job in jobs:  # every run leaves its reports for people without W&B
+        assert (tmp_path / job / "reports" / "test" / "confusion_matrix.png").exists()
     report = run_script("-m", "zorro.report", tmp_path).stdout  # the Table 3 layout
     lines = report.strip().splitlines()
     assert lines[0] == "| masking | V top1 | A top1 | A+V top1 |" and len(lines) == 2 + 4

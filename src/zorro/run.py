@@ -48,6 +48,8 @@ def build_task(cfg: DictConfig):
                        scheduler=scheduler)
     task.run_config = OmegaConf.to_container(cfg, resolve=True)  # saved in checkpoints for evaluate.py
     task.dataset_info = datamodule.info
+    if cfg.get("paths") and cfg.paths.get("output_dir"):
+        task.report_dir = str(Path(cfg.paths.output_dir) / "reports")
     return datamodule, task
 
 

@@ -89,6 +89,7 @@ class BaseTask(pl.LightningModule):
     # the run and zorro.predict can name classes without the dataset.
     run_config: dict | None = None
     dataset_info = None
+    report_dir = None  # where evaluation reports (plots, tables) go; set by zorro.run.build
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:

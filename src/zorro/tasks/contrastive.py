@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -124,6 +125,12 @@ class ContrastiveTask(BaseTask):
         values.update({f"{stage}/v2a_{k}": v for k, v in v2a.items()})
         values[f"{stage}/score"] = (a2v["R@1"] + v2a["R@1"]) / 2
         self.log_dict(values, sync_dist=False)
+        if stage == "test" and self.report_dir and self.trainer.is_global_zero:
+            from ..reports import log_images, write_retrieval_reports
+
+            images = write_retrieval_reports(Path(self.report_dir) / stage, z["audio"].cpu(), z["video"].cpu(),
+                                             stage=stage)
+            log_images(self.loggers, images, stage)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -115,12 +116,14 @@ class SupervisedTask(BaseTask):
                          sync_dist=True)
 
     def _eval_epoch_end(self, clips: nn.ModuleDict, stage: str) -> None:
-        values = {}
+        values, averaged = {}, {}
         for key, predictions in clips.items():
             if not predictions.update_called:
                 continue
             inputs, name = key.split("-")
             probs, labels = predictions.compute()  # gathered across processes, averaged per clip
+            if name == "avg":
+                averaged[inputs] = (probs.cpu(), labels.reshape(probs.shape[0], *labels.shape[1:]).cpu())
             for metric, value in classification_scores(probs, labels, multi_label=self.dataset.multi_label).items():
                 values[f"{stage}/{inputs}/{name}/{metric}"] = value
             values[f"{stage}/num_clips"] = torch.tensor(float(probs.shape[0]))
@@ -129,6 +132,13 @@ class SupervisedTask(BaseTask):
         if primary in values:
             values[f"{stage}/score"] = values[primary]  # what checkpointing monitors
         self.log_dict(values, sync_dist=False)
+        if stage == "test" and self.report_dir and averaged and self.trainer.is_global_zero:
+            from ..reports import log_images, write_classification_reports
+
+            images = write_classification_reports(
+                Path(self.report_dir) / stage, {k: float(v) for k, v in values.items()}, averaged,
+                class_names=self.dataset.class_names, multi_label=self.dataset.multi_label, stage=stage)
+            log_images(self.loggers, images, stage)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.val_clips, "val")

@@ -1,0 +1,138 @@
+"""Evaluation reports for people, written to the run directory (PNG/CSV/JSON) and logged to W&B when it is used:
+per-class AP (multi-label) or a confusion matrix (single-label) of the averaged A+V prediction, the V / A / A+V
+table, and retrieval recall@k curves for contrastive models."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+INPUT_LABELS = {"video": "V", "audio": "A", "audio_video": "A+V"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def per_class_ap(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    ap = multilabel_average_precision(probs, labels.long(), num_labels=probs.shape[1], average=None)
+    return torch.where(labels.sum(0) > 0, ap, torch.full_like(ap, float("nan")))
+
+
+def confusion(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    C = probs.shape[1]
+    idx = labels.long() * C + probs.argmax(1)
+    return torch.bincount(idx, minlength=C * C).view(C, C)
+
+
+def write_classification_reports(out: Path, scores: dict[str, float], predictions: dict, *,
+                                 class_names: Sequence[str], multi_label: bool, stage: str) -> list[Path]:
+    """predictions: {inputs: (clip probs, clip labels)} of the averaged head. Returns the images written."""
+    out.mkdir(parents=True, exist_ok=True)
+    plt, images = _plt(), []
+    table = {}  # head -> {V, A, A+V}
+    for key, value in scores.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[1] in INPUT_LABELS:
+            table.setdefault(f"{parts[2]} {parts[3]}", {})[INPUT_LABELS[parts[1]]] = value
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["output metric", "V", "A", "A+V"])
+        for row, cols in sorted(table.items()):
+            w.writerow([row, *(f"{100 * cols[c]:.2f}" if c in cols else "" for c in ("V", "A", "A+V"))])
+    (out / "table.json").write_text(json.dumps(table, indent=2, sort_keys=True))
+    if "audio_video" not in predictions:
+        return images
+    probs, labels = predictions["audio_video"]
+    names = list(class_names) or [str(i) for i in range(probs.shape[1])]
+    if multi_label:
+        ap = per_class_ap(probs, labels)
+        with open(out / "per_class_ap.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["class", "AP", "positives"])
+            for i in torch.argsort(torch.nan_to_num(ap, nan=-1.0), descending=True).tolist():
+                w.writerow([names[i], "" if torch.isnan(ap[i]) else f"{ap[i]:.4f}", int(labels[:, i].sum())])
+        valid = [i for i in torch.argsort(torch.nan_to_num(ap, nan=-1.0), descending=True).tolist()
+                 if not torch.isnan(ap[i])]
+        shown = valid if len(valid) <= 40 else valid[:20] + valid[-20:]  # best and worst 20 of many
+        fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(shown)), 4))
+        ax.bar(range(len(shown)), [float(ap[i]) for i in shown])
+        ax.set_xticks(range(len(shown)), [names[i] for i in shown], rotation=90, fontsize=7)
+        ax.set_ylabel("AP")
+        ax.set_title(f"{stage}: per-class AP, A+V averaged prediction (mAP {float(ap[valid].mean()):.3f})")
+        path = out / "per_class_ap.png"
+    else:
+        cm = confusion(probs, labels)
+        with open(out / "confusion_matrix.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["true \\ predicted", *names])
+            w.writerows([[names[i], *cm[i].tolist()] for i in range(len(names))])
+        C = len(names)
+        side = min(max(5.0, 2 + 0.35 * C), 24)
+        fig, ax = plt.subplots(figsize=(side, side))
+        rates = cm.float() / cm.sum(1, keepdim=True).clamp(min=1)
+        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        if C <= 40:
+            ax.set_xticks(range(C), names, rotation=90, fontsize=7)
+            ax.set_yticks(range(C), names, fontsize=7)
+            for i in range(C):
+                for j in range(C):
+                    if cm[i, j]:
+                        ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if rates[i, j] > 0.5 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{stage}: confusion matrix (A+V, averaged heads)", fontsize=9)
+        path = out / "confusion_matrix.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    images.append(path)
+    return images
+
+
+def write_retrieval_reports(out: Path, z_audio: torch.Tensor, z_video: torch.Tensor, *, stage: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    ks = list(range(1, min(50, len(z_audio)) + 1))
+    curves = {}
+    for name, (q, g) in {"audio->video": (z_audio, z_video), "video->audio": (z_video, z_audio)}.items():
+        sims = q @ g.t()
+        rank = (sims > sims.diagonal().unsqueeze(1)).sum(1)
+        curves[name] = [float((rank < k).float().mean()) for k in ks]
+    with open(out / "retrieval_recall.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["k", *curves])
+        w.writerows([[k, *(f"{curves[n][i]:.4f}" for n in curves)] for i, k in enumerate(ks)])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, values in curves.items():
+        ax.plot(ks, values, label=name)
+    ax.plot(ks, [k / len(z_audio) for k in ks], "k:", label="chance")
+    ax.set_xlabel("k")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(f"{stage}: audio-video retrieval ({len(z_audio)} clips)")
+    fig.tight_layout()
+    path = out / "retrieval_recall.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def log_images(loggers, images: list[Path], stage: str) -> None:
+    for logger in loggers:
+        if hasattr(logger, "log_image"):  # WandbLogger
+            for path in images:
+                logger.log_image(key=f"{stage}/{path.stem}", images=[str(path)])
