@@ -1,5 +1,6 @@
 """End to end: Hydra -> train.py / evaluate.py on CPU with the tiny model."""
 
+import csv
 import json
 import signal
 import subprocess
@@ -79,6 +80,9 @@ def test_ddp_two_cpu_processes(tmp_path):
                    "trainer.max_epochs=1", "data.num_train=32", "data.num_val=16", "test=false", f"task={task}",
                    f"hydra.run.dir={tmp_path / task}", "logger=csv")
         assert (tmp_path / task / "checkpoints" / "last.ckpt").exists()
+    metrics = list(csv.DictReader(open(next((tmp_path / "contrastive").glob("csv/*/metrics.csv")))))
+    pairs = {float(r["train/pairs"]) for r in metrics if r.get("train/pairs")}
+    assert pairs == {32.0}  # 2 processes x batch 16: every rank's loss saw both ranks' clips as negatives
 
 
 def test_masking_sweep_multirun(tmp_path):

@@ -99,3 +99,18 @@ def test_bad_arguments_fail_clearly():
         zorro_vit_tiny()(None, None)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         zorro_vit_tiny()(None, torch.zeros(1, 4, 3, 70, 70, dtype=torch.uint8))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = zorro_vit_tiny(spec_augment=False)
+    ckpt = zorro_vit_tiny(spec_augment=False, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    audio, video = inputs()
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        sum(v.square().sum() for v in model(audio, video).values()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)

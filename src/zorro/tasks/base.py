@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Callable
 
@@ -75,8 +76,12 @@ class BaseTask(pl.LightningModule):
         skip = set()
         if hasattr(self.backbone, "no_weight_decay"):
             skip = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
-        wd = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(param_groups(self, wd, skip))
+        keywords = getattr(self.optimizer_factory, "keywords", {})
+        extra = {}
+        if self.device.type == "cuda" and "fused" not in keywords and \
+                "fused" in inspect.signature(getattr(self.optimizer_factory, "func", self.optimizer_factory)).parameters:
+            extra["fused"] = True  # one kernel for the whole update (Adam/AdamW/SGD on CUDA)
+        optimizer = self.optimizer_factory(param_groups(self, keywords.get("weight_decay", 0.0), skip), **extra)
         if self.scheduler_factory is None:
             return optimizer
         total = self.trainer.estimated_stepping_batches

@@ -87,6 +87,7 @@ class ContrastiveTask(BaseTask):
     def contrastive_loss(self, z: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, torch.Tensor]:
         valid = self._gather(valid, sync_grads=False)
         z = {n: self._gather(e, sync_grads=True)[valid] for n, e in z.items()}
+        self.num_pairs = int(valid.sum())  # pairs over all devices: each one's negatives are the others
         return {f"{a}_{b}": nce_loss(z[a], z[b], temperature=self.temperature, normalizer=self.normalizer)
                 for a, b in self.pairs}
 
@@ -101,6 +102,7 @@ class ContrastiveTask(BaseTask):
         bs = len(batch["key"]) if "key" in batch else next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
+        self.log("train/pairs", float(self.num_pairs), batch_size=bs, reduce_fx="max")
         return loss
 
     def _eval_step(self, batch: dict) -> None:
