@@ -17,12 +17,14 @@ def test_five_fold_style_cross_validation_is_one_sweep_and_one_report(demo_video
                *PREP_ARGS)
     assert set(json.loads((shards / "manifest.json").read_text())["splits"]) == {"fold1", "fold2", "fold3"}
     sweep = tmp_path / "sweep"
-    run_script(ROOT / "train.py", "-m", "data=shards", f"data.root={shards}", "data.cv_fold=1,2,3",
+    sweep_run = run_script(ROOT / "train.py", "-m", "data=shards", f"data.root={shards}", "data.cv_fold=1,2,3",
+               "hydra.callbacks.report.cv=data.cv_fold",
                "model=zorro_vit_tiny", "logger=none", "data.num_workers=0", "data.batch_size=2",
                "data.eval_windows=1", "data.eval_crops=1", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}")
     fold_clips = [json.loads(p.read_text())["test/num_clips"] for p in sorted(sweep.glob("*/metrics.json"))]
     assert len(fold_clips) == 3 and sum(fold_clips) == sum(
         json.loads((shards / "manifest.json").read_text())["splits"][f"fold{k}"]["num_samples"] for k in (1, 2, 3))
+    assert "| V top1 | A top1 | A+V top1 | folds (data.cv_fold) |" in sweep_run.stdout  # one command
     report = run_script("-m", "zorro.report", sweep, "--cv", "data.cv_fold").stdout.strip().splitlines()
     assert report[0] == "| V top1 | A top1 | A+V top1 | folds (data.cv_fold) |"
     assert len(report) == 3 and "±" in report[2] and report[2].rstrip(" |").endswith("1,2,3")

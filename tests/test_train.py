@@ -93,7 +93,8 @@ def test_masking_sweep_multirun(tmp_path):
     assert len(jobs) == 4 and any("two_streams" in j for j in jobs), (jobs, proc.stdout[-2000:])
     for job in jobs:  # every run leaves its reports for people without W&B
         assert (tmp_path / job / "reports" / "test" / "confusion_matrix.png").exists()
-    report = run_script("-m", "zorro.report", tmp_path).stdout  # the Table 3 layout
+    assert "sweep report" in proc.stdout and "| masking | V top1 | A top1 | A+V top1 |" in proc.stdout  # one command
+    report = run_script("-m", "zorro.report", tmp_path).stdout  # the Table 3 layout, again from the directory
     lines = report.strip().splitlines()
     assert lines[0] == "| masking | V top1 | A top1 | A+V top1 |" and len(lines) == 2 + 4
     assert {line.split("|")[1].strip() for line in lines[2:]} == set(MASKINGS)

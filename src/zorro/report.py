@@ -80,6 +80,41 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def write_report(root: Path, *, stage: str = "test", head: str = "avg", cv: str | None = None) -> str:
+    jobs = load_jobs(root)
+    if not jobs:
+        raise FileNotFoundError(f"no */metrics.json below {root} (is it a multirun directory of train.py?)")
+    header, rows = build_table(jobs, stage, head, cv)
+    table = markdown(header, rows)
+    (root / "report.md").write_text(table + "\n")
+    with open(root / "report.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return table
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # the report also works without Hydra
+    _HydraCallback = object
+
+
+class SweepReport(_HydraCallback):
+    """Hydra callback: at the end of `train.py -m ...`, print the sweep's table (and write report.md/.csv),
+    so a sweep over maskings, or over cross-validation folds (`cv: data.cv_fold`), is one command."""
+
+    def __init__(self, stage: str = "test", head: str = "avg", cv: str | None = None):
+        self.stage, self.head, self.cv = stage, head, cv
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        root = Path(config.hydra.sweep.dir)
+        try:
+            table = write_report(root, stage=self.stage, head=self.head, cv=self.cv)
+        except FileNotFoundError as e:
+            print(f"sweep report: {e}")
+            return
+        print(f"\nsweep report ({root / 'report.md'}):\n{table}\n", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("multirun_dir", type=Path)
@@ -90,17 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.multirun_dir.is_dir():
         print(f"error: {args.multirun_dir} is not a directory", file=sys.stderr)
         return 2
-    jobs = load_jobs(args.multirun_dir)
-    if not jobs:
-        print(f"error: no */metrics.json below {args.multirun_dir} (is it a multirun directory of train.py?)",
-              file=sys.stderr)
+    try:
+        print(write_report(args.multirun_dir, stage=args.stage, head=args.head, cv=args.cv))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    header, rows = build_table(jobs, args.stage, args.head, args.cv)
-    table = markdown(header, rows)
-    print(table)
-    (args.multirun_dir / "report.md").write_text(table + "\n")
-    with open(args.multirun_dir / "report.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
     return 0
 
 
