@@ -112,7 +112,7 @@ class ClipSampler:
                                     for i in idx])
                 boxes = self._boxes(clip, rng)
             else:
-                boxes = [None] * (1 if self.train else self.crops)
+                boxes = [None]  # no frames: spatial crops would be identical views
             wav = torch.zeros(n_audio, dtype=torch.int16) if audio is None else torch.from_numpy(
                 window_audio(audio, start=start - offset, seconds=self.window, sample_rate=self.sample_rate
                              ).astype(np.int16))
