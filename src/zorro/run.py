@@ -29,7 +29,7 @@ def _fill_run_names(cfg: DictConfig) -> None:
         if not cfg.get("run_name"):
             cfg.run_name = hc.job.override_dirname or "default"
         if not cfg.get("group") and hc.mode == RunMode.MULTIRUN:
-            cfg.group = Path(hc.sweep.dir).name
+            cfg.group = "/".join(Path(hc.sweep.dir).parts[-2:])  # e.g. 2026-11-24/12-00-00
 
 
 def build_task(cfg: DictConfig):
