@@ -132,10 +132,10 @@ def _kill(pool: cf.ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _run_isolated(task: dict, timeout: float) -> tuple:
+def _run_isolated(task: dict, timeout: float, fn=encode_sample) -> tuple:
     pool = _pool(1)
     try:
-        return pool.submit(encode_sample, task).result(timeout=timeout)
+        return pool.submit(fn, task).result(timeout=timeout)
     except cf.TimeoutError:
         return ("skip", "timeout", f"decoding took longer than {timeout:.0f} s")
     except BrokenProcessPool:
@@ -144,8 +144,8 @@ def _run_isolated(task: dict, timeout: float) -> tuple:
         _kill(pool)
 
 
-def run_tasks(tasks, *, workers: int, timeout: float):
-    """Yield (task, result) in task order, decoding up to `workers` files at a time in worker processes."""
+def run_tasks(tasks, *, workers: int, timeout: float, fn=encode_sample):
+    """Yield (task, result) in task order, running `fn` on up to `workers` tasks at a time in worker processes."""
     tasks = iter(tasks)
     pool = _pool(workers)
     window: deque = deque()
@@ -155,7 +155,7 @@ def run_tasks(tasks, *, workers: int, timeout: float):
             task = next(tasks, None)
             if task is None:
                 return
-            window.append((task, pool.submit(encode_sample, task)))
+            window.append((task, pool.submit(fn, task)))
 
     refill()
     try:
@@ -169,7 +169,7 @@ def run_tasks(tasks, *, workers: int, timeout: float):
                 window.clear()
                 _kill(pool)
                 for t in in_flight:
-                    yield t, _run_isolated(t, timeout)
+                    yield t, _run_isolated(t, timeout, fn)
                 pool = _pool(workers)
                 refill()
                 continue
@@ -183,7 +183,9 @@ def run_tasks(tasks, *, workers: int, timeout: float):
 class Journal:
     """Append-only record of finished shards and skipped rows: what a restarted run must not redo."""
 
-    def __init__(self, path: Path, options: Options):
+    def __init__(self, path: Path, options: Options, splits: set[str] | None = None):
+        # The selected splits are part of the settings: journalled `split_not_selected` skips depend on them.
+        settings = dict(asdict(options), splits=sorted(splits) if splits else None)
         self.path = path
         self.shards: list[dict] = []
         self.skipped: dict[int, dict] = {}
@@ -193,7 +195,7 @@ class Journal:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line torn by a kill
                     continue
-                if rec["type"] == "options" and rec["options"] != asdict(options):
+                if rec["type"] == "options" and {"splits": None, **rec["options"]} != settings:
                     raise SystemExit(f"error: {path.parent} was written with other options {rec['options']}; "
                                      f"use the same options to resume, or a new --out")
                 elif rec["type"] == "shard":
@@ -202,7 +204,7 @@ class Journal:
                     self.skipped[rec["row"]] = rec
         self.file = open(path, "a")
         if not path.stat().st_size:
-            self.append({"type": "options", "options": asdict(options)})
+            self.append({"type": "options", "options": settings})
 
     def append(self, rec: dict) -> None:
         self.file.write(json.dumps(rec) + "\n")
@@ -228,7 +230,7 @@ class SplitWriter:
         if self.tar is None:
             self.tmp = self.out / f"{self.split}-{self.index:06d}.tar.tmp"
             self.stream = open(self.tmp, "wb")
-            self.tar = self._wds.TarWriter(self.stream)
+            self.tar = self._wds.TarWriter(self.stream, mtime=0)  # fixed mtime: same input -> byte-identical shards
             self.rows, self.size = [], 0
         self.tar.write(members)
         self.rows.append(row)
@@ -259,7 +261,11 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob("*.tar.tmp"):  # a shard interrupted by a kill: its rows were never journalled
         leftover.unlink()
-    journal = Journal(out / JOURNAL, options)
+    journal = Journal(out / JOURNAL, options, splits)
+    lost = [s["name"] for s in journal.shards if not (out / s["name"]).exists()]
+    if lost:  # someone deleted finished shards: their rows cannot be told apart from done ones
+        raise SystemExit(f"error: {out} lacks shards its journal lists as finished ({', '.join(lost[:3])}); "
+                         f"use a new --out")
     classes = sorted({label for r in rows for label in r.labels})
     class_index = {c: i for i, c in enumerate(classes)}
     multi_label = any(len(r.labels) > 1 for r in rows)
@@ -280,7 +286,8 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
         if row.index in done:
             continue
         if row.problem:
-            skip(row, row.problem, "the label file gives no label for this row")
+            skip(row, row.problem, "the label file gives no label for this row" if row.problem == "no_label"
+                 else f"label(s) not in the class list: {row.labels}")
         elif row.path is None:
             skip(row, "missing_file", f"no file in --videos matches {row.source!r}")
         elif not first:

@@ -4,6 +4,7 @@ reported as skipped instead of silently dropped."""
 
 from __future__ import annotations
 
+import bisect
 import csv
 import os
 from dataclasses import dataclass, field
@@ -65,9 +66,19 @@ class FileIndex:
                     self.by_stem.setdefault(stem, rel)
 
     def find(self, *stems: str) -> str | None:
+        """The first exact stem match, else the first file whose stem extends a candidate after `_` or `.`
+        (downloaders append end times or fractions: `{ytid}_{start:06d}_{end:06d}`, `{ytid}_30.000`)."""
         for stem in stems:
             if stem in self.by_stem:
                 return self.by_stem[stem]
+        if not hasattr(self, "_sorted"):
+            self._sorted = sorted(self.by_stem)
+        for stem in stems:
+            i = bisect.bisect_left(self._sorted, stem)
+            while i < len(self._sorted) and self._sorted[i].startswith(stem):
+                if self._sorted[i][len(stem)] in "_.":
+                    return self.by_stem[self._sorted[i]]
+                i += 1
         return None
 
 
@@ -81,9 +92,13 @@ def read_audioset(path: Path, videos: Path, default_split: str, class_map: Path 
         lines = [line for line in f if line.strip() and not line.startswith("#")]
     for i, r in enumerate(csv.reader(lines, skipinitialspace=True)):
         ytid, start, end, mids = r[0], float(r[1]), float(r[2]), r[3]
-        labels = [names.get(m.strip(), m.strip()) for m in mids.split(",") if m.strip()]
+        mids = [m.strip() for m in mids.split(",") if m.strip()]
+        labels = [names.get(m, m) for m in mids]
+        # with a class map, a MID outside it is an error in one of the two files: report the row, don't guess
+        unknown = [m for m in mids if names and m not in names]
         found = index.find(f"{ytid}_{start:.3f}", f"{ytid}_{int(start)}", f"{ytid}_{int(start * 1000)}", ytid)
-        rows.append(Row(index=i, path=found, labels=labels, split=default_split, source=f"{ytid} {start}-{end}"))
+        rows.append(Row(index=i, path=found, labels=labels, split=default_split, source=f"{ytid} {start}-{end}",
+                        problem="unknown_label" if unknown else None if labels else "no_label"))
     return rows
 
 

@@ -6,7 +6,7 @@ Each clip shows a coloured blob (red or blue) moving over noise with distractor 
 high) in noise: the 4 classes `{red,blue}_{low,high}` need both eyes and ears (A or V alone: at most 50%).
 Mostly H.264/AAC mp4 (some at 44.1 / 16 kHz to exercise resampling), some VP9/Opus webm and MPEG-4/MP3 mkv,
 a few videos without an audio track, a few audio-only wav files (has_video=false; their label comes from the
-tone alone, so they are labelled with the tone and a colour drawn at random — an honest "unknowable" part).
+tone alone, so they are labelled with the tone and a colour taken in turn — an honest "unknowable" part).
 Plus broken inputs that data_prep must report, never crash on: a truncated mp4, a zero-byte file, a text
 file named .mp4 and a row whose file does not exist. Awkward names (spaces, dots, unicode) throughout.
 Writes `labels.csv` (path,label,split) next to the files.
@@ -58,8 +58,19 @@ def render_audio(rng: np.random.Generator, pitch: str, seconds: float, sample_ra
     return (tone * envelope + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
 
 
+def _encoder(name: str, fallback: str) -> str:
+    """`name` if this PyAV/FFmpeg build can encode with it (libx264 is absent from some builds), else `fallback`."""
+    try:
+        av.codec.Codec(name, "w")
+        return name
+    except Exception:
+        return fallback
+
+
 def write_video(path: Path, frames, audio: np.ndarray | None, *, fps: int, width: int, height: int,
                 sample_rate: int, vcodec: str, acodec: str | None) -> None:
+    vcodec = _encoder(vcodec, "mpeg4")
+    acodec = acodec and _encoder(acodec, "aac")
     with av.open(str(path), mode="w") as out:
         vs = out.add_stream(vcodec, rate=fps)
         vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"

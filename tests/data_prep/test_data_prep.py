@@ -110,6 +110,9 @@ def test_workers_do_not_change_the_output(demo_videos, demo_shards, tmp_path):
     run_script("-m", "data_prep", "--videos", videos, "--labels", labels, "--out", tmp_path, "--workers", "1",
                *PREP_ARGS)
     assert all_samples(tmp_path) == all_samples(demo_shards)
+    # byte-identical shards and manifest (fixed tar mtimes, deterministic shard boundaries)
+    for name in sorted(p.name for p in demo_shards.glob("*.tar")) + ["manifest.json", "skipped.csv"]:
+        assert (tmp_path / name).read_bytes() == (demo_shards / name).read_bytes(), name
 
 
 def test_require_audio_and_split_selection(demo_videos, tmp_path):
@@ -164,11 +167,21 @@ def test_official_label_formats(demo_videos, tmp_path):
     class_map.write_text("index,mid,display_name\n0,/m/09x0r,Speech\n1,/m/05zppz,Male speech\n")
     rows = read_labels("audioset", audioset, root, class_map=class_map)
     assert rows[0].path == "abc_40.000.wav" and rows[0].labels == ["Speech", "Male speech"] and rows[1].path is None
+    audioset.write_text('# header\nabc, 40.000, 50.000, "/m/09x0r,/m/unknown"\n')
+    (row,) = read_labels("audioset", audioset, root, class_map=class_map)
+    assert row.problem == "unknown_label"
+    (row,) = read_labels("audioset", audioset, root)  # no class map: MIDs are the class names
+    assert row.problem is None and row.labels == ["/m/09x0r", "/m/unknown"]
 
     vgg = tmp_path / "vggsound.csv"
-    vgg.write_text("xyz,30,people sneezing,test\n")
-    (row,) = read_labels("vggsound", vgg, root)
+    vgg.write_text("xyz,30,people sneezing,test\nxy,30,dog barking,train\n")
+    row, missing = read_labels("vggsound", vgg, root)
     assert row.path == "xyz_000030.wav" and row.split == "test" and row.labels == ["people sneezing"]
+    assert missing.path is None  # `xy` must not match `xyz_...` by prefix
+    shutil.copy(root / "xyz_000030.wav", root / "pre_000030_000040.wav")  # downloader appended the end time
+    vgg.write_text("pre,30,dog barking,train\n")
+    (row,) = read_labels("vggsound", vgg, root)
+    assert row.path == "pre_000030_000040.wav"
 
     kinetics = tmp_path / "k400.csv"
     kinetics.write_text("label,youtube_id,time_start,time_end,split\ndancing,kin,10,20,validate\n")

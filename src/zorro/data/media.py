@@ -87,6 +87,15 @@ def frame_times(duration: float, fps: float) -> np.ndarray:
     return np.arange(max(1, math.floor(duration * fps + 1e-6))) / fps
 
 
+def nearest(times: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Index of the decoded frame whose timestamp is nearest to each target time (times sorted)."""
+    right = np.clip(np.searchsorted(times, targets), 1, len(times) - 1) if len(times) > 1 else np.zeros(len(targets), int)
+    if len(times) == 1:
+        return right
+    left = right - 1
+    return np.where(np.abs(times[left] - targets) <= np.abs(times[right] - targets), left, right)
+
+
 # -- decord ------------------------------------------------------------------------------------------------
 def _decord_video(path: str, fps: float, short_side: int | None, max_seconds: float):
     import decord
@@ -96,8 +105,12 @@ def _decord_video(path: str, fps: float, short_side: int | None, max_seconds: fl
     if n == 0 or not native_fps or native_fps <= 0:
         raise MediaError("no_decodable_stream", "video stream has no frames")
     source_duration = n / native_fps
-    duration = min(source_duration, max_seconds)
-    idx = np.minimum(np.round(frame_times(duration, fps) * native_fps).astype(int), n - 1)
+    try:  # real presentation times, so variable-frame-rate files pick the right frames
+        times = np.asarray(vr.get_frame_timestamp(np.arange(n)))[:, 0]
+        source_duration = max(source_duration, float(times[-1]) + 1.0 / native_fps)
+    except Exception:
+        times = np.arange(n) / native_fps
+    idx = nearest(times, frame_times(min(source_duration, max_seconds), fps))
     frames = vr.get_batch(list(idx)).asnumpy()
     return np.stack([resize_short_side(f, short_side) for f in frames]), source_duration
 
@@ -132,7 +145,8 @@ def _pyav_decode(path: str, fps: float, short_side: int | None, sample_rate: int
                 times = np.array([t for t, _ in decoded])
                 source_duration = float(times[-1] + (times[1] - times[0] if len(times) > 1 else 1.0 / fps))
                 duration = min(source_duration, max_seconds)
-                picks = [int(np.argmin(np.abs(times - t))) for t in frame_times(duration, fps)]
+                order = np.argsort(times, kind="stable")  # decode order may differ from time order
+                picks = order[nearest(times[order], frame_times(duration, fps))]
                 frames = np.stack([resize_short_side(decoded[i][1], short_side) for i in picks])
     if want_audio:
         with av.open(path) as container:
@@ -170,6 +184,8 @@ def decode_media(path: str, *, fps: float = 6.25, short_side: int | None = 256, 
     Audio-only files give frames=None; videos without a sound track give audio=None. Raises MediaError.
     """
     check_file(path)
+    if _looks_like_text(path):  # never hand obvious garbage to FFmpeg (it can spin on some inputs)
+        raise MediaError("not_media", "not a media file (text content)")
     audio_only = os.path.splitext(path)[1].lower() in AUDIO_EXTENSIONS
     frames = audio = None
     source_duration = 0.0
