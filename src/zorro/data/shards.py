@@ -158,11 +158,14 @@ def samples_per_slot(counts: Sequence[int], slots: int) -> int:
     return min(sum(counts[i] for i in share) for share in assign_shards(counts, slots))
 
 
-def _slot() -> tuple[int, int]:
-    """(this slot, number of slots) over all ranks and data-loader workers."""
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _slot(rank: int, world: int) -> tuple[int, int]:
+    """(this slot, number of slots) over all ranks and data-loader workers. The rank is read in the main
+    process when the loader is made and travels with the dataset: a spawned worker has no process group."""
     info = get_worker_info()
     wid, workers = (info.id, info.num_workers) if info else (0, 1)
     return rank * workers + wid, world * workers
@@ -171,8 +174,9 @@ def _slot() -> tuple[int, int]:
 class ShardStream(IterableDataset):
     def __init__(self, *, shards: Sequence[str], counts: Sequence[int], sampler: ClipSampler, train: bool,
                  samples_per_slot: int | None = None, length: int | None = None, shuffle_buffer: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, rank: int = 0, world: int = 1):
         self.shards, self.counts, self.sampler, self.train = list(shards), list(counts), sampler, train
+        self.rank, self.world = rank, world
         self.samples_per_slot, self.length, self.shuffle_buffer, self.seed = samples_per_slot, length, shuffle_buffer, seed
         self.epoch = 0  # advanced by every __iter__ (workers are persistent, so each keeps its own count)
         self.skipped = 0
@@ -188,8 +192,8 @@ class ShardStream(IterableDataset):
         mine, keep = assign_shards(self.counts, slots)[slot], None
         if len(self.shards) < slots:  # fewer shards than slots: everyone reads all, keeps every slots-th sample
             mine, keep = list(range(len(self.shards))), slot
-        elif self.train:
-            order_rng.shuffle(mine)  # a new shard order every epoch; the shuffle buffer mixes further
+        if self.train:  # a new shard order every epoch (the same in every slot); the shuffle buffer mixes further
+            order_rng.shuffle(mine)
         n = 0
         for sample in wds.tariterators.tarfile_samples([{"url": self.shards[i]} for i in mine]):
             if keep is None or n % slots == keep:
@@ -205,7 +209,7 @@ class ShardStream(IterableDataset):
                 log.warning("skipping unreadable sample %s (%s): %s", raw.get("__key__"), raw.get("__url__"), e)
 
     def __iter__(self):
-        slot, slots = _slot()
+        slot, slots = _slot(self.rank, self.world)
         epoch, self.epoch = self.epoch, self.epoch + 1
         if not self.train:
             yield from self._samples(slot, slots, random.Random(self.seed), random.Random(self.seed))
@@ -287,27 +291,28 @@ class ShardDataModule(pl.LightningDataModule):
     def has_split(self, stage: str) -> bool:
         return sum(s["num_samples"] for s in self._shards(stage)) > 0
 
-    def _world(self) -> int:
+    def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer  # None outside a Trainer (tests, benchmarks)
         if trainer is not None:
-            return trainer.world_size
-        dist = torch.distributed
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            return trainer.global_rank, trainer.world_size
+        return _rank_world()
 
     def stream(self, stage: str) -> ShardStream:
         shards = [str(self.root / s["name"]) for s in self._shards(stage)]
         counts = [s["num_samples"] for s in self._shards(stage)]
+        rank, world = self._rank_world()
         if stage != "train":
-            return ShardStream(shards=shards, counts=counts, sampler=self.samplers["eval"], train=False, seed=self.seed)
+            return ShardStream(shards=shards, counts=counts, sampler=self.samplers["eval"], train=False, seed=self.seed,
+                               rank=rank, world=world)
         workers = max(1, self.num_workers)
-        slots = workers * self._world()
+        slots = workers * world
         per_slot = samples_per_slot(counts, slots)  # no repeats within an epoch
         if self.epoch_length:  # a fixed epoch length (shorter, or longer with repeats)
             per_slot = self.epoch_length // slots
         per_slot = max(per_slot // self.batch_size, 1) * self.batch_size  # whole batches, equal everywhere
         return ShardStream(shards=shards, counts=counts, sampler=self.samplers["train"], train=True,
                            samples_per_slot=per_slot, length=per_slot * workers, shuffle_buffer=self.shuffle_buffer,
-                           seed=self.seed)
+                           seed=self.seed, rank=rank, world=world)
 
     def _loader(self, stage: str):
         if not self.has_split(stage):
@@ -324,9 +329,10 @@ class ShardDataModule(pl.LightningDataModule):
         if stage != "train":
             return self._loader(stage)
         sampler = ClipSampler(**{**vars(self.samplers["eval"]), "train": False, "windows": 1, "crops": 1})
+        rank, world = self._rank_world()
         stream = ShardStream(shards=[str(self.root / s["name"]) for s in self._shards("train")],
                              counts=[s["num_samples"] for s in self._shards("train")], sampler=sampler, train=False,
-                             seed=self.seed)
+                             seed=self.seed, rank=rank, world=world)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def train_dataloader(self):
