@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import BaseTask, modality_flags
+from .metrics import ClipPredictions
 
 # eq. 2: audio-video only; eq. 3: + audio-fusion + video-fusion (third projector for the fusion output).
 PAIRS = {"eq2": (("audio", "video"),), "eq3": (("audio", "video"), ("audio", "fusion"), ("video", "fusion"))}
@@ -71,7 +72,9 @@ class ContrastiveTask(BaseTask):
         self.projectors = nn.ModuleDict({
             n: Projector(in_dim=backbone.output_dim, hidden_dim=projector_hidden_dim, out_dim=projector_dim)
             for n in sorted(needed)})
-        self._eval_embeddings: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
+        # Evaluation embeddings, averaged over each clip's views and gathered across processes (uneven per-rank
+        # counts are fine: torchmetrics concatenates its list states).
+        self.eval_clips = nn.ModuleDict({n: ClipPredictions() for n in self.projectors})
 
     def embed(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Projected embeddings and the mask of samples with both modalities (pairs need both)."""
@@ -107,16 +110,19 @@ class ContrastiveTask(BaseTask):
 
     def _eval_step(self, batch: dict) -> None:
         z, valid = self.embed(batch)
-        self._eval_embeddings.append(({n: e.float() for n, e in z.items()}, valid))
+        for name, e in z.items():
+            self.eval_clips[name].update(e.float(), valid.long(), batch.get("key"))
 
     def _eval_epoch_end(self, stage: str) -> None:
-        if not self._eval_embeddings:
+        if not self.eval_clips["audio"].update_called:
             return
-        z = {n: torch.cat([e[n] for e, _ in self._eval_embeddings]) for n in self._eval_embeddings[0][0]}
-        valid = torch.cat([v for _, v in self._eval_embeddings])
-        self._eval_embeddings.clear()
-        valid = self._gather(valid, sync_grads=False)  # retrieval over the whole evaluation set
-        z = {n: self._gather(e, sync_grads=False)[valid] for n, e in z.items()}
+        z, valid = {}, None
+        for name, clips in self.eval_clips.items():  # the same clip order for every output (sorted key ids)
+            emb, valid = clips.compute()
+            z[name] = F.normalize(emb, dim=-1)
+            clips.reset()
+        valid = valid.reshape(-1).bool()
+        z = {n: e[valid] for n, e in z.items()}
         if z["audio"].shape[0] < 2:
             return
         values = {f"{stage}/nce_{a}_{b}": nce_loss(z[a], z[b], temperature=self.temperature,
