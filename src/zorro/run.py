@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import check_config
+from .config import ConfigError, check_config
 from .models import count_parameters
 from .tasks import EVAL_INPUTS
 
@@ -41,6 +41,10 @@ def build_task(cfg: DictConfig):
     backbone = instantiate(cfg.model)
     log.info("backbone %s (masking=%s): %.2fM parameters", type(backbone).__name__,
              getattr(getattr(backbone, "routing", None), "name", "-"), count_parameters(backbone) / 1e6)
+    if cfg.get("pretrained"):  # ImageNet / MAE initialisation from a local file, with a report of what loaded
+        if not hasattr(backbone, "load_pretrained"):
+            raise ConfigError(f"pretrained: {type(backbone).__name__} has no ImageNet initialisation")
+        log.info("%s: %s", cfg.pretrained, backbone.load_pretrained(cfg.pretrained))
     if cfg.get("compile"):
         backbone.compile()
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None

@@ -43,12 +43,31 @@ def test_mixup_shares_one_lambda_between_inputs_and_targets():
     torch.manual_seed(1)
     mixed, mixed_target = task.mixup(batch, target)
     torch.manual_seed(1)  # replay the same draws
-    lam = float(torch.distributions.Beta(0.3, 0.3).sample())
+    beta = torch.distributions.Beta(0.3, 0.3)
+    lam, _ = float(beta.sample()), beta.sample()
     perm = torch.randperm(4)
     torch.testing.assert_close(mixed_target, lam * target + (1 - lam) * target[perm])
     torch.testing.assert_close(mixed["audio"], lam * audio.float() + (1 - lam) * audio.float()[perm])
     torch.testing.assert_close(mixed["video"], lam * video.float() + (1 - lam) * video.float()[perm])
     assert torch.equal(mixed["has_video"], batch["has_video"] | batch["has_video"][perm])
+
+
+def test_modality_mixup_draws_one_lambda_per_modality():
+    torch.manual_seed(0)
+    task = make_task(mixup_alpha=0.3, modality_mixup=True)
+    audio, video = inputs(batch=4)
+    target = task.soft_targets(torch.tensor([0, 1, 2, 3]))
+    torch.manual_seed(3)
+    mixed, mixed_target = task.mixup({"audio": audio, "video": video}, target)
+    torch.manual_seed(3)
+    beta = torch.distributions.Beta(0.3, 0.3)
+    lam_a, lam_v = float(beta.sample()), float(beta.sample())
+    perm = torch.randperm(4)
+    assert lam_a != lam_v
+    torch.testing.assert_close(mixed["audio"], lam_a * audio.float() + (1 - lam_a) * audio.float()[perm])
+    torch.testing.assert_close(mixed["video"], lam_v * video.float() + (1 - lam_v) * video.float()[perm])
+    lam = (lam_a + lam_v) / 2
+    torch.testing.assert_close(mixed_target, lam * target + (1 - lam) * target[perm])
 
 
 def test_no_loss_for_the_missing_modality():

@@ -1,5 +1,6 @@
 """Backbones and their parts: plain nn.Modules, keyword-only constructors, no Hydra or Lightning."""
 
+from .mbt import MBT, mbt_base, mbt_tiny
 from .routing import GROUPS, MASKINGS, OUTPUTS, Routing, TokenLayout
 from .zorro_vit import ZorroViT, zorro_vit_base, zorro_vit_tiny
 
@@ -7,6 +8,8 @@ from .zorro_vit import ZorroViT, zorro_vit_base, zorro_vit_tiny
 MODELS = {
     "zorro_vit_base": zorro_vit_base,
     "zorro_vit_tiny": zorro_vit_tiny,
+    "mbt_base": mbt_base,
+    "mbt_tiny": mbt_tiny,
 }
 
 
@@ -20,5 +23,5 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["GROUPS", "MASKINGS", "OUTPUTS", "Routing", "TokenLayout", "ZorroViT", "MODELS", "create_model",
+__all__ = ["MBT", "mbt_base", "mbt_tiny", "GROUPS", "MASKINGS", "OUTPUTS", "Routing", "TokenLayout", "ZorroViT", "MODELS", "create_model",
            "count_parameters", "zorro_vit_base", "zorro_vit_tiny"]

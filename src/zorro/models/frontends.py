@@ -17,6 +17,9 @@ AUDIO_MEAN, AUDIO_STD = -4.27, 4.57
 VIDEO_MEAN, VIDEO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+WINDOWS = {"hann": torch.hann_window, "hamming": torch.hamming_window}  # Zorro: Hann; MBT: Hamming
+
+
 class AudioFrontend(nn.Module):
     """Waveform (B x S, int16 or float) -> normalised log-mel (B x 1 x n_mels x frames).
 
@@ -29,15 +32,17 @@ class AudioFrontend(nn.Module):
     def __init__(self, *, sample_rate: int = 48_000, n_mels: int = 128, win_ms: float = 25.0, hop_ms: float = 10.0,
                  mean: float = AUDIO_MEAN, std: float = AUDIO_STD, spec_augment: bool = True,
                  freq_mask: int | None = None, time_mask: int | None = None, num_masks: int = 2,
-                 freq_jitter: int = 4, clip_seconds: float = 2.56):
+                 freq_jitter: int = 4, clip_seconds: float = 2.56, window: str = "hann"):
         super().__init__()
+        if window not in WINDOWS:
+            raise ValueError(f"window must be one of {sorted(WINDOWS)}, got {window!r}")
         win = round(sample_rate * win_ms / 1000)
         self.hop = round(sample_rate * hop_ms / 1000)
         n_fft = 1 << (win - 1).bit_length()
         # Spectrogram + MelScale = torchaudio's MelSpectrogram, but the power is taken from the real and
         # imaginary parts: under torch_xla, |complex| stays complex and breaks the patch embedding.
         self.spectrogram = torchaudio.transforms.Spectrogram(n_fft=n_fft, win_length=win, hop_length=self.hop,
-                                                             window_fn=torch.hann_window, power=None)
+                                                             window_fn=WINDOWS[window], power=None)
         self.mel_scale = torchaudio.transforms.MelScale(n_mels=n_mels, sample_rate=sample_rate, n_stft=n_fft // 2 + 1)
         self.sample_rate, self.n_mels, self.mean, self.std = sample_rate, n_mels, mean, std
         # SpecAugment mask sizes (choice): AST's 48 of 128 mel bins and 192 of 1024 frames, halved because we

@@ -163,3 +163,14 @@ def resample_pos_embed(pos: torch.Tensor, old_grid: Sequence[int], new_grid: Seq
     mode = {2: "bicubic", 3: "trilinear"}[len(old_grid)]
     grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False)
     return grid.movedim(1, -1).reshape(1, math.prod(new_grid), dim).to(pos.dtype)
+
+
+def init_vit_weights(m: nn.Module) -> None:
+    """timm's ViT initialisation: truncated-normal linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -10,13 +10,16 @@ video frames -> normalise -> 16x16 patches per frame -> + positions┘
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
 from .frontends import AudioFrontend, VideoFrontend
-from .layers import Block, Groupwise, OutputDecoder, PatchEmbed, resample_pos_embed
+from .layers import Block, Groupwise, OutputDecoder, PatchEmbed, init_vit_weights, resample_pos_embed
+from .pretrained import LoadReport, load_into, load_state
 from .routing import GROUPS, Routing, TokenLayout, output_names
 
 MISSING_MODALITY = ("zeros", "drop")
@@ -80,7 +83,7 @@ class ZorroViT(nn.Module):
             for i in range(depth))
         self.norm = Groupwise(lambda: nn.LayerNorm(dim), separate=separate_weights)
         self.decoder = OutputDecoder(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, names=self.output_names)
-        self.apply(_init_weights)
+        self.apply(init_vit_weights)
         for p in (self.audio_pos, self.video_pos, self.fusion_latents):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
@@ -145,6 +148,27 @@ class ZorroViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"audio_pos", "video_pos", "fusion_latents", "decoder.queries"}
 
+    def load_pretrained(self, path: str | Path) -> LoadReport:
+        """timm ViT weights (local file, e.g. ImageNet-21k ViT-B/16) into the shared transformer.
+
+        The patch embedding initialises both modalities (RGB kernel summed for the spectrogram), the
+        14 x 14 positions are resampled to the spectrogram grid and repeated over frames; with separate
+        weights every group's copy starts from the same ImageNet layer. The fusion latents and the output
+        decoder have no ImageNet counterpart and keep their initialisation (listed as missing).
+        """
+        parts = [f"parts.{g}" for g in GROUPS] if self.blocks[0].norm1.separate else ["shared"]
+
+        def rename(key: str):
+            if key.startswith("patch_embed."):
+                return [key.replace("patch_embed", f"{m}_embed", 1) for m in ("audio", "video")]
+            if key == "pos_embed":
+                return ["audio_pos", "video_pos"]
+            m = re.fullmatch(r"(blocks\.\d+\.(?:norm1|norm2|attn\.qkv|attn\.proj|mlp)|norm)\.(.+)", key)
+            return [f"{m[1]}.{p}.{m[2]}" for p in parts] if m else None
+
+        return load_into(self, load_state(path), rename=rename, channels_to_one=("audio_embed.proj.weight",),
+                         pos_grids={"audio_pos": self.audio_grid, "video_pos": self.video_grid})
+
 
 def _concat(tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, TokenLayout]:
     parts = [tokens[g] for g in GROUPS if g in tokens]
@@ -154,16 +178,6 @@ def _concat(tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, TokenLayout]
 
 def _split(x: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
     return {g: x[:, s:e] for g, s, e in layout.spans()}
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # -- named variants (timm-style factories; the Hydra configs in conf/model/ mirror them) -------------------

@@ -26,12 +26,12 @@ class SupervisedTask(BaseTask):
 
     def __init__(self, *, backbone: nn.Module, dataset: DatasetInfo, optimizer: Callable,
                  scheduler: Callable | None = None, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
-                 eval_inputs: Sequence[str] = EVAL_INPUTS):
+                 modality_mixup: bool = False, eval_inputs: Sequence[str] = EVAL_INPUTS):
         super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler)
         if not set(eval_inputs) <= set(EVAL_INPUTS):
             raise ValueError(f"eval_inputs must be a subset of {EVAL_INPUTS}, got {list(eval_inputs)}")
         self.dataset = dataset
-        self.label_smoothing, self.mixup_alpha = label_smoothing, mixup_alpha
+        self.label_smoothing, self.mixup_alpha, self.modality_mixup = label_smoothing, mixup_alpha, modality_mixup
         self.eval_inputs = tuple(eval_inputs)
         self.output_names = tuple(backbone.output_names)
         self.heads = nn.ModuleDict({n: nn.Linear(backbone.output_dim, dataset.num_classes) for n in self.output_names})
@@ -58,16 +58,22 @@ class SupervisedTask(BaseTask):
         return logits.float().sigmoid() if self.dataset.multi_label else logits.float().softmax(-1)
 
     def mixup(self, batch: dict, target: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
+        """Mix each sample with a permuted partner. modality_mixup (MBT, 42.6 -> 43.9 mAP): each modality
+        draws its own lambda; the target then mixes with their mean (choice: MBT does not say)."""
+        beta = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha)
+        lams = {k: float(beta.sample()) for k in ("audio", "video")}
+        if not self.modality_mixup:
+            lams["video"] = lams["audio"]
         perm = torch.randperm(target.shape[0], device=target.device)
         mixed = dict(batch)
-        for key in ("audio", "video"):
+        for key, lam in lams.items():
             if batch.get(key) is not None:
                 x = batch[key].float()
                 mixed[key] = lam * x + (1 - lam) * x[perm]
         for key in ("has_audio", "has_video"):
             if key in batch:
                 mixed[key] = batch[key] | batch[key][perm]
+        lam = sum(lams.values()) / 2
         return mixed, lam * target + (1 - lam) * target[perm]
 
     def losses(self, outputs: dict, target: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:

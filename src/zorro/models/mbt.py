@@ -1,0 +1,183 @@
+"""MBT: Attention Bottlenecks for Multimodal Fusion (Nagrani et al. 2021), the baseline of Zorro's Table 2.
+
+Two ViTs with separate weights, one per modality. Up to the fusion layer L_f they run independently; from
+L_f on, B shared bottleneck tokens join each stream: every layer updates the bottleneck once through the
+audio ViT's layer and once through the video ViT's layer, and the two updates are averaged (MBT eq. 8-9).
+So cross-modal information passes only through the B bottleneck tokens.
+
+    audio  [CLS_a | spectrogram patches] ── layers < L_f ──┬─ [.. | z] ─ audio layer ─┐
+                                                           │          z = mean(z_a, z_v)
+    video  [CLS_v | frame patches     ] ── layers < L_f ──┴─ [.. | z] ─ video layer ─┘
+    -> {"audio": CLS_a, "video": CLS_v}; the supervised task puts one linear head on each and averages the
+       predictions, which is MBT's "logits averaged over the CLS tokens".
+
+This differs from Zorro-ViT's `bottleneck` masking (routing.py), which keeps ONE set of weights and lets the
+fusion tokens read everything from the first layer on; both stay. `num_bottleneck=0` (or
+`fusion_layer=depth`) gives MBT's late-fusion baseline: two independent ViTs with averaged predictions.
+
+Unlike Zorro's unimodal outputs, MBT's CLS outputs after L_f carry the other modality (through z), so the
+"audio" output is not audio-only; the perturbation test in tests/models/test_mbt.py pins this down.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from .frontends import AudioFrontend, VideoFrontend
+from .layers import PatchEmbed, init_vit_weights, resample_pos_embed
+from .pretrained import LoadReport, load_into, load_state
+
+
+class _ViTStream(nn.Module):
+    """One modality's ViT: patch embedding, CLS token, learned positions, blocks, final norm (timm names)."""
+
+    def __init__(self, *, in_chans: int, grid: tuple[int, ...], dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float, patch_size: int, qkv_bias: bool, drop_path: list[float]):
+        super().__init__()
+        self.grid = grid
+        self.patch_embed = PatchEmbed(in_chans=in_chans, dim=dim, patch_size=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(grid), dim))  # patches only; CLS needs none
+        self.blocks = nn.ModuleList(Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                                          drop_path=drop_path[i]) for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def tokens(self, patches: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        x = patches + resample_pos_embed(self.pos_embed, self.grid, grid)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+
+
+class MBT(nn.Module):
+    """MBT with ViT-B streams. Defaults follow the MBT paper's best AudioSet model (NUMBERS.md, "MBT").
+
+    Args (keyword-only):
+        num_bottleneck: B bottleneck tokens (paper: 4), initialised N(0, 0.02).
+        fusion_layer: L_f, the first layer that sees the bottleneck (paper: 8 of 12).
+        sample_rate, n_mels, audio_seconds, window: MBT's audio is 16 kHz, 128-bin log-mel with a 25 ms
+            Hamming window and 10 ms hop, t = 8 s in the best model.
+        num_frames, image_size: 8 frames of 224^2 (16x16 patches: 8 x 14 x 14 = 1568 tokens).
+        missing_modality: only "zeros" (the absent input is zeroed, as Zorro's evaluation does).
+    """
+
+    def __init__(self, *, dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 patch_size: int = 16, qkv_bias: bool = True, num_bottleneck: int = 4, fusion_layer: int = 8,
+                 drop_path_rate: float = 0.3, num_frames: int = 8, image_size: int = 224, sample_rate: int = 16_000,
+                 n_mels: int = 128, audio_seconds: float = 8.0, window: str = "hamming", spec_augment: bool = True,
+                 grad_checkpointing: bool = False):
+        super().__init__()
+        if not 0 <= fusion_layer <= depth:
+            raise ValueError(f"fusion_layer must be in [0, depth={depth}], got {fusion_layer}")
+        self.fusion_layer = fusion_layer if num_bottleneck else depth
+        self.grad_checkpointing = grad_checkpointing
+        self.output_dim = dim
+        self.output_names = ("audio", "video")
+
+        self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
+                                            clip_seconds=audio_seconds, window=window)
+        self.video_frontend = VideoFrontend()
+        audio_frames = self.audio_frontend.num_frames(round(audio_seconds * sample_rate))
+        audio_grid = (n_mels // patch_size, audio_frames // patch_size)
+        video_grid = (num_frames, image_size // patch_size, image_size // patch_size)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        common = dict(dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, patch_size=patch_size,
+                      qkv_bias=qkv_bias, drop_path=dpr)
+        self.audio = _ViTStream(in_chans=1, grid=audio_grid, **common)
+        self.video = _ViTStream(in_chans=3, grid=video_grid, **common)
+        self.bottleneck = nn.Parameter(torch.zeros(1, num_bottleneck, dim)) if num_bottleneck else None
+        self.apply(init_vit_weights)
+        for p in (self.audio.pos_embed, self.video.pos_embed, self.audio.cls_token, self.video.cls_token,
+                  self.bottleneck):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    @property
+    def video_grid(self) -> tuple[int, ...]:
+        return self.video.grid
+
+    # -- inputs (a missing modality is a zero input, like ZorroViT) ---------------------------------------
+    def embed_audio(self, audio, present, batch):
+        p = self.audio.patch_embed.patch_size
+        if audio is None:
+            spec = self.audio.pos_embed.new_zeros(batch, 1, self.audio.grid[0] * p, self.audio.grid[1] * p)
+        else:
+            spec = self.audio_frontend(audio)
+            spec = spec[..., : spec.shape[-1] // p * p]
+            if present is not None:
+                spec = spec * present.view(-1, 1, 1, 1).to(spec.dtype)
+        return self.audio.tokens(self.audio.patch_embed(spec), self.audio.patch_embed.grid(*spec.shape[-2:]))
+
+    def embed_video(self, video, present, batch):
+        if video is None:
+            T, h, w = self.video.grid
+            p = self.video.patch_embed.patch_size
+            frames = self.video.pos_embed.new_zeros(batch, T, 3, h * p, w * p)
+        else:
+            frames = self.video_frontend(video)
+            if present is not None:
+                frames = frames * present.view(-1, 1, 1, 1, 1).to(frames.dtype)
+        B, T = frames.shape[:2]
+        grid = (T, *self.video.patch_embed.grid(*frames.shape[-2:]))
+        patches = self.video.patch_embed(frames.flatten(0, 1)).reshape(B, -1, self.output_dim)
+        return self.video.tokens(patches, grid)
+
+    def _run(self, block, x):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
+                has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if audio is None and video is None:
+            raise ValueError("MBT needs at least one of audio / video")
+        batch = (audio if audio is not None else video).shape[0]
+        a = self.embed_audio(audio, has_audio, batch)
+        v = self.embed_video(video, has_video, batch)
+        z = None
+        for i, (block_a, block_v) in enumerate(zip(self.audio.blocks, self.video.blocks)):
+            if i < self.fusion_layer:
+                a, v = self._run(block_a, a), self._run(block_v, v)
+                continue
+            if z is None:
+                z = self.bottleneck.expand(batch, -1, -1)
+            n_a, n_v = a.shape[1], v.shape[1]
+            ya = self._run(block_a, torch.cat([a, z], dim=1))
+            yv = self._run(block_v, torch.cat([v, z], dim=1))
+            a, v = ya[:, :n_a], yv[:, :n_v]
+            z = (ya[:, n_a:] + yv[:, n_v:]) / 2  # MBT eq. 9: each stream's update of z, averaged
+        return {"audio": self.audio.norm(a)[:, 0], "video": self.video.norm(v)[:, 0]}
+
+    def no_weight_decay(self) -> set[str]:
+        return {"audio.pos_embed", "video.pos_embed", "audio.cls_token", "video.cls_token", "bottleneck"}
+
+    # -- ImageNet initialisation (MBT: ViT-B from ImageNet-21k) -------------------------------------------
+    def load_pretrained(self, path: str | Path) -> LoadReport:
+        """timm ViT weights (local file) into both streams; the RGB patch kernel is summed for audio and the
+        14 x 14 position grid resampled to the spectrogram grid and repeated over the frames."""
+
+        def rename(key: str):
+            if key.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")):
+                return [f"audio.{key}", f"video.{key}"]
+            return None  # head, fc_norm, ...: classifier parts the backbone does not have
+
+        return load_into(self, load_state(path), rename=rename,
+                         channels_to_one=("audio.patch_embed.proj.weight",),
+                         pos_grids={"audio.pos_embed": self.audio.grid, "video.pos_embed": self.video.grid})
+
+
+
+def mbt_base(**kwargs) -> MBT:
+    """MBT's best AudioSet model: ViT-B streams, B = 4, L_f = 8, 8 s of 16 kHz audio, 8 x 224^2 frames."""
+    return MBT(**kwargs)
+
+
+def mbt_tiny(**kwargs) -> MBT:
+    """A CPU-sized MBT for tests and demos (the inputs of zorro_vit_tiny)."""
+    cfg = dict(dim=64, depth=4, num_heads=4, fusion_layer=2, drop_path_rate=0.0, num_frames=4, image_size=64,
+               sample_rate=16_000, n_mels=64, audio_seconds=1.28)
+    return MBT(**{**cfg, **kwargs})

@@ -1,0 +1,57 @@
+import pytest
+import timm
+import torch
+
+from zorro.models import zorro_vit_tiny
+from zorro.models.pretrained import load_into, load_state
+
+
+@pytest.fixture(scope="module")
+def vit_file(tmp_path_factory):
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=64, depth=4, num_heads=4)
+    path = tmp_path_factory.mktemp("weights") / "vit.pth"
+    torch.save(vit.state_dict(), path)
+    return vit, path
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_imagenet_vit_into_zorro_vit(vit_file, separate):
+    vit, path = vit_file
+    model = zorro_vit_tiny(separate_weights=separate)
+    report = model.load_pretrained(path)
+    copies = [model.blocks[2].attn.qkv.parts[g] for g in ("audio", "fusion", "video")] if separate else \
+        [model.blocks[2].attn.qkv.shared]
+    for qkv in copies:
+        torch.testing.assert_close(qkv.weight, vit.blocks[2].attn.qkv.weight)
+    # 14 x 14 ImageNet positions -> the 4 x 4 frame grid, the same for every frame
+    frames = model.video_pos.reshape(4, 16, -1)
+    torch.testing.assert_close(frames[0], frames[3])
+    assert "fusion_latents" in report.missing and not report.mismatched
+    assert "cls_token" in report.unexpected  # Zorro has no class token: reported, not silently dropped
+
+
+def test_mismatched_shapes_are_reported_not_loaded(vit_file):
+    _, path = vit_file
+    model = zorro_vit_tiny(dim=32, num_heads=4)
+    before = model.blocks[0].mlp.shared.fc1.weight.clone()
+    report = model.load_pretrained(path)
+    assert torch.equal(model.blocks[0].mlp.shared.fc1.weight, before)
+    assert any(k == "blocks.0.mlp.shared.fc1.weight" for k, *_ in report.mismatched)
+
+
+def test_relative_position_bias_table_is_resized():
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=32, depths=(1,), num_heads=(2,))
+    small = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=32, depths=(1,),
+                              num_heads=(2,), window_size=4, img_size=64)
+    report = load_into(small, swin.state_dict())
+    key = "layers.0.blocks.0.attn.relative_position_bias_table"
+    assert any(k == key for k, *_ in report.resized)
+    assert small.state_dict()[key].shape == (49, 2)
+
+
+def test_load_state_needs_a_local_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_state(tmp_path / "missing.pth")
+    torch.save({"a": 1}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not a state dict"):
+        load_state(tmp_path / "bad.pth")
