@@ -112,6 +112,19 @@ def main() -> None:
     print(f"{'whole layer (+QKV/proj)':24}{t_dense * 1e3:12.1f}{t_routed * 1e3:12.1f}{t_dense / t_routed:9.2f}x"
           f"{layer_d / layer_r:11.3f}x")
     if args.device == "cuda":
+        # Which fused kernel each side can use: the routed slices need no mask, so flash attention applies;
+        # flash takes no arbitrary mask, so the dense baseline falls back to the memory-efficient kernel.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for label, fn, arg in (("routed", routed_core, qkv), ("dense mask", dense_core, qkv)):
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+                try:
+                    with sdpa_kernel(backend), torch.no_grad():
+                        fn(arg)
+                    ok = "eligible"
+                except RuntimeError:
+                    ok = "not eligible"
+                print(f"{label:>10}: {backend.name} {ok}")
         peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
         key = next((k for k in peak if k in name), None)
         if key and args.dtype == "bf16":

@@ -1,0 +1,175 @@
+import pytest
+import timm
+import torch
+
+from zorro.models import count_parameters, create_model, zorro_swin, zorro_swin_tiny
+from zorro.models.zorro_swin import SwinBlock2d, SwinBlock3d
+
+from .test_layers import inputs
+
+# Paper (appendix A): 161M. Ours, without classifier heads: 86.7M audio Swin + 87.6M video Swin + 23.0M fusion
+# stream + 12.6M output decoder (Swin-B / Video Swin-B sizes, a choice: the paper's sizes are lost).
+BASE_PARAMS = 209_992_832
+
+
+def test_base_parameter_count(monkeypatch):
+    # Built on the meta device (no memory, no init); torchaudio's mel filter bank needs real tensors.
+    frontend = zorro_swin.AudioFrontend
+
+    def frontend_on_cpu(**kwargs):
+        with torch.device("cpu"):
+            return frontend(**kwargs)
+
+    monkeypatch.setattr(zorro_swin, "AudioFrontend", frontend_on_cpu)
+    with torch.device("meta"):
+        model = create_model("zorro_swin_base")
+    assert count_parameters(model) == BASE_PARAMS
+    assert model.output_dim == 1024
+
+
+@pytest.mark.parametrize("masking", ["zorro", "two_streams"])
+def test_forward_backward_and_output_keys(masking):
+    model = create_model("zorro_swin_tiny", masking=masking)
+    assert model.routing.name == masking and masking in model.maskings
+    audio, video = inputs()
+    out = model(audio, video)
+    expected = {"audio", "video", "global"} | ({"fusion"} if masking == "zorro" else set())
+    assert set(out) == expected == set(model.output_names)
+    for v in out.values():
+        assert v.shape == (2, model.output_dim) and torch.isfinite(v).all()
+    sum(v.sum() for v in out.values()).backward()
+    assert model.audio.patch_embed.proj.weight.grad is not None and model.video.patch_embed.proj.weight.grad is not None
+    if masking == "zorro":
+        assert model.fusion_latents.grad is not None
+    else:
+        assert model.fusion_latents is None
+    names = dict(model.named_parameters())
+    assert model.no_weight_decay() <= set(names) and any("relative_position_bias" in n for n in model.no_weight_decay())
+
+
+def _copy(dst, src):
+    dst.load_state_dict(src.state_dict())
+    return dst
+
+
+def _reads(block, x, index) -> torch.Tensor:
+    """Which input positions the output at `index` depends on (bool grid, from the gradient)."""
+    x = x.clone().requires_grad_(True)
+    block(x)[index].sum().backward()
+    return x.grad.abs().sum(-1)[0] > 0
+
+
+def test_2d_block_pads_before_the_shift():
+    torch.manual_seed(0)
+    block = SwinBlock2d(dim=8, input_resolution=(16, 16), num_heads=2, window_size=7, shift_size=3).eval()
+    rows = _reads(block, torch.randn(1, 16, 16, 8), (0, 0, 0)).any(1).nonzero().flatten().tolist()
+    assert rows == [0, 1, 2]  # the shifted window at the top edge; timm's pad-after-shift also reads rows 10-15
+    # Where no padding is needed it is timm's block exactly.
+    timm_block = timm.models.swin_transformer.SwinTransformerBlock(dim=8, input_resolution=(14, 14), num_heads=2,
+                                                                   window_size=7, shift_size=3).eval()
+    ours = _copy(SwinBlock2d(dim=8, input_resolution=(14, 14), num_heads=2, window_size=7, shift_size=3), timm_block)
+    x = torch.randn(2, 14, 14, 8)
+    torch.testing.assert_close(ours.eval()(x), timm_block(x))
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("size", [14, 16])  # 16: padded to 21
+def test_3d_block_on_one_frame_is_the_2d_block(shift, size):
+    torch.manual_seed(0)
+    block2d = SwinBlock2d(dim=8, input_resolution=(size, size), num_heads=2, window_size=7,
+                          shift_size=3 if shift else 0).eval()
+    block3d = _copy(SwinBlock3d(dim=8, num_heads=2, window_size=(1, 7, 7), shift=shift,
+                                input_resolution=(1, size, size)), block2d).eval()  # mask built once
+    x = torch.randn(2, size, size, 8)
+    torch.testing.assert_close(block3d(x[:, None])[:, 0], block2d(x))
+
+
+def test_shifted_windows_shift():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, 16)
+    plain = SwinBlock3d(dim=16, num_heads=2, window_size=(2, 4, 4)).eval()  # masks built on the fly for 4 x 8 x 8
+    shifted = _copy(SwinBlock3d(dim=16, num_heads=2, window_size=(2, 4, 4), shift=True), plain).eval()
+    assert shifted.shift_size == (1, 2, 2)
+    assert not torch.allclose(plain(x), shifted(x))
+    # Windows span time: unshifted, frame 1 reads frames 0-1 only; shifted, it reads frames 1-2.
+    assert _reads(plain, x, (0, 1, 0, 0)).flatten(1).any(1).tolist() == [True, True, False, False]
+    assert _reads(shifted, x, (0, 1, 0, 0)).flatten(1).any(1).tolist() == [False, True, True, False]
+    x2 = torch.randn(1, 16, 16, 8)
+    plain2d = SwinBlock2d(dim=8, input_resolution=(16, 16), num_heads=2, window_size=4, shift_size=0).eval()
+    shifted2d = _copy(SwinBlock2d(dim=8, input_resolution=(16, 16), num_heads=2, window_size=4, shift_size=2),
+                      plain2d).eval()
+    assert not torch.allclose(plain2d(x2), shifted2d(x2))
+    # Every other block of the model shifts, in both streams.
+    model = zorro_swin_tiny()
+    assert [any(b.shift_size) for b in model.audio.layers[0].blocks] == [False, True]
+    assert [any(b.shift_size) for b in model.video.layers[0].blocks] == [False, True]
+
+
+def _features(stream, x):
+    x = stream.patch_embed(x)
+    for stage in stream.layers:
+        x = stage(x)
+    return stream.norm(x)
+
+
+def test_load_pretrained_timm_swin(tmp_path):
+    """A tiny timm Swin saved to disk initialises both streams: the audio stream computes timm's features on a
+    grey image, and the inflated video stream computes them for every frame of a still video."""
+    torch.manual_seed(0)
+    sizes = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=128, window_size=4,
+                             num_classes=10, **sizes).eval()
+    path = tmp_path / "swin.pth"
+    torch.save(swin.state_dict(), path)
+    model = zorro_swin_tiny(n_mels=128, sample_rate=48_000, window_size=4, video_window_size=(2, 4, 4), **sizes).eval()
+    report = model.load_pretrained(path)
+    assert not report.mismatched and {"head.fc.weight", "head.fc.bias"} <= set(report.unexpected)
+    assert all(k.startswith(("fusion", "decoder")) for k in report.missing), report.missing
+    image = torch.randn(1, 1, 128, 128)
+    with torch.no_grad():
+        expected = swin.forward_features(image.expand(-1, 3, -1, -1))  # RGB kernel summed = grey input
+        torch.testing.assert_close(_features(model.audio, image), expected, atol=1e-4, rtol=1e-4)
+        still = image.expand(-1, 3, -1, -1)[:, :, None].expand(-1, -1, 4, -1, -1)  # B x 3 x T x H x W
+        video = _features(model.video, still)
+        for t in range(video.shape[1]):
+            torch.testing.assert_close(video[:, t], expected, atol=1e-4, rtol=1e-4)
+    # Other windows: tables cropped (windows clamped to small grids) or resized, and inflated over 15 offsets.
+    report = zorro_swin_tiny(**sizes).load_pretrained(path)
+    assert not report.mismatched and all(k.startswith(("fusion", "decoder")) for k in report.missing)
+
+
+def test_other_input_sizes_run():
+    model = zorro_swin_tiny().eval()
+    audio = torch.zeros(1, 16000 * 2, dtype=torch.int16)  # 2 s instead of 1.28 s
+    video = torch.zeros(1, 6, 3, 96, 96, dtype=torch.uint8)  # 6 frames of 96^2 instead of 4 of 64^2
+    with torch.no_grad():
+        out = model(audio, video)
+    assert out["global"].shape == (1, model.output_dim)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = zorro_swin_tiny(spec_augment=False)
+    ckpt = _copy(zorro_swin_tiny(spec_augment=False, grad_checkpointing=True), plain)
+    audio, video = inputs()
+    grads = []
+    for model in (plain, ckpt):
+        sum(v.square().sum() for v in model(audio, video).values()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(masking="input_level"), "supports masking in"),
+    (dict(masking="bottleneck"), "supports masking in"),
+    (dict(masking="vanilla"), "supports masking in"),
+    (dict(fusion_level=3), "fusion_level 0 only"),
+])
+def test_unsupported_arguments_fail_in_one_line(kwargs, match):
+    with pytest.raises(ValueError, match=match) as err:
+        zorro_swin_tiny(**kwargs)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="at least one"):
+        zorro_swin_tiny()(None, None)
