@@ -21,20 +21,24 @@ CLASSES = tuple(f"{c}_{p}" for c in COLOURS for p in PITCHES)
 
 
 class SyntheticAVDataset(Dataset):
+    """`views` > 1: each clip is `views` items with the same key and audio and successive frames of one
+    longer clip (num_frames x views frames), like several evaluation windows of a real clip."""
+
     def __init__(self, *, size: int, seed: int, num_frames: int, image_size: int, sample_rate: int,
-                 clip_seconds: float, multi_label: bool = False, missing_prob: float = 0.0):
-        self.size, self.seed = size, seed
+                 clip_seconds: float, multi_label: bool = False, missing_prob: float = 0.0, views: int = 1):
+        self.size, self.seed, self.views = size, seed, views
         self.num_frames, self.image_size = num_frames, image_size
         self.sample_rate, self.num_samples = sample_rate, round(clip_seconds * sample_rate)
         self.multi_label, self.missing_prob = multi_label, missing_prob
 
     def __len__(self) -> int:
-        return self.size
+        return self.size * self.views
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int) -> dict:
+        index, view = divmod(item, self.views)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         colour, pitch = int(torch.randint(2, (1,), generator=g)), int(torch.randint(2, (1,), generator=g))
-        T, S = self.num_frames, self.image_size
+        T, S = self.num_frames * self.views, self.image_size
         video = torch.randint(0, 96, (T, 3, S, S), generator=g, dtype=torch.uint8)
         side = max(S // 4, 2)
         x0, y0 = torch.randint(0, S - side, (2,), generator=g).tolist()
@@ -43,6 +47,7 @@ class SyntheticAVDataset(Dataset):
         for t in range(T):
             x, y = min(max(x0 + dx * t, 0), S - side), min(max(y0 + dy * t, 0), S - side)
             video[t, :, y : y + side, x : x + side] = rgb
+        video = video[view * self.num_frames : (view + 1) * self.num_frames]
         time = torch.arange(self.num_samples) / self.sample_rate
         freq = list(PITCHES.values())[pitch] * float(1 + 0.05 * torch.randn(1, generator=g))
         phase = float(torch.rand(1, generator=g)) * 2 * math.pi
@@ -67,7 +72,8 @@ class SyntheticDataModule(pl.LightningDataModule):
 
     def __init__(self, *, num_train: int = 256, num_val: int = 64, num_test: int = 64, batch_size: int = 16,
                  num_workers: int = 0, num_frames: int = 8, image_size: int = 224, sample_rate: int = 48_000,
-                 clip_seconds: float = 2.56, multi_label: bool = False, missing_prob: float = 0.0, seed: int = 0):
+                 clip_seconds: float = 2.56, multi_label: bool = False, missing_prob: float = 0.0,
+                 eval_views: int = 1, seed: int = 0):
         super().__init__()
         self.batch_size, self.num_workers = batch_size, num_workers
         self.info = DatasetInfo(num_classes=len(CLASSES), multi_label=multi_label, class_names=CLASSES)
@@ -75,7 +81,7 @@ class SyntheticDataModule(pl.LightningDataModule):
                       clip_seconds=clip_seconds, multi_label=multi_label)
         self.splits = {
             name: SyntheticAVDataset(size=n, seed=seed * 3 + i, missing_prob=missing_prob if name == "train" else 0.0,
-                                     **common)
+                                     views=1 if name == "train" else eval_views, **common)
             for i, (name, n) in enumerate((("train", num_train), ("val", num_val), ("test", num_test))) if n > 0
         }
 

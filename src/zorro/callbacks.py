@@ -1,0 +1,105 @@
+"""Lightning callbacks of the suite."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ReconstructionImages(pl.Callback):
+    """Every `every_n_steps` training steps, a picture of what a masked autoencoder (a backbone with
+    `pretrain_forward`, e.g. CAV-MAE) reconstructs: per sample, the input frame and spectrogram, what the
+    encoder saw (hidden patches grey) and the reconstruction (visible patches kept, hidden ones predicted).
+    Written to `dirpath` (default: <run dir>/reconstructions/step<N>.png) and logged to W&B when it is used.
+
+    Predictions of per-patch-normalised targets (norm_pix_loss) are put back on the input's scale with each
+    patch's own mean and variance, as MAE's visualisation does.
+    """
+
+    def __init__(self, *, every_n_steps: int = 1000, num_samples: int = 2, dirpath: str | None = None):
+        super().__init__()
+        self.every_n_steps, self.num_samples, self.dirpath = every_n_steps, num_samples, dirpath
+        self._warned, self._last_step = False, -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        step = trainer.global_step
+        due = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        if not due or step == self._last_step or not trainer.is_global_zero:  # steps repeat under grad accumulation
+            return
+        self._last_step = step
+        backbone = getattr(pl_module, "backbone", None)
+        if not hasattr(backbone, "pretrain_forward") or not getattr(backbone, "has_decoder", True):
+            if not self._warned:
+                log.warning("ReconstructionImages: %s does not reconstruct (no pretrain_forward or no decoder); "
+                            "no pictures", type(backbone).__name__)
+                self._warned = True
+            return
+        dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "reconstructions")
+        path = save_reconstruction(backbone, batch, dirpath / f"step{step:07d}.png", num_samples=self.num_samples,
+                                   mask_ratio=getattr(pl_module, "mask_ratio", 0.75),
+                                   mask_mode=getattr(pl_module, "mask_mode", "random"), title=f"step {step}")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger
+                logger.log_image(key="train/reconstruction", images=[str(path)], step=step)
+
+
+@torch.no_grad()
+def save_reconstruction(backbone, batch: dict, path: Path, *, num_samples: int = 2, mask_ratio: float = 0.75,
+                        mask_mode: str = "random", title: str = "") -> Path:
+    """Run `backbone.pretrain_forward` (eval mode: middle frame, no augmentation) on the first samples of
+    `batch` and save the picture to `path` (PNG). Returns the path."""
+    from .reports import _plt
+
+    n = min(num_samples, len(next(v for v in batch.values() if torch.is_tensor(v))))
+    first = {k: batch[k][:n] if batch.get(k) is not None else None
+             for k in ("audio", "video", "has_audio", "has_video")}
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        out = backbone.pretrain_forward(first["audio"], first["video"], has_audio=first["has_audio"],
+                                        has_video=first["has_video"], mask_ratio=mask_ratio, mask_mode=mask_mode)
+    finally:
+        backbone.train(was_training)
+    columns = ("input", f"masked ({mask_ratio:.0%})", "reconstruction")
+    rows = []
+    for name, grid in (("video", backbone.video_grid), ("audio", backbone.audio_grid)):
+        patches, pred, mask = out[f"{name}_patches"].float(), out[f"{name}_pred"].float(), out[f"{name}_mask"]
+        if getattr(backbone, "norm_pix_loss", False):  # back to the input's scale, patch by patch
+            pred = pred * (patches.var(-1, keepdim=True) + 1e-6).sqrt() + patches.mean(-1, keepdim=True)
+        hidden = mask[..., None].bool()
+        images = [patches, patches.masked_fill(hidden, float("nan")), torch.where(hidden, pred, patches)]
+        rows.append((name, [backbone.unpatchify(x, grid).cpu() for x in images]))
+
+    plt = _plt()
+    cmap = plt.get_cmap("magma").with_extremes(bad="0.5")  # hidden patches grey, as in the frames
+    fig, axes = plt.subplots(2 * n, 3, figsize=(9, 2.6 * 2 * n), squeeze=False)
+    for i in range(n):
+        for r, (name, images) in enumerate(rows):
+            for c, image in enumerate(images):
+                ax = axes[2 * i + r, c]
+                if name == "video":  # the frontend's normalisation undone for display
+                    frontend = backbone.video_frontend
+                    rgb = (image[i] * frontend.std.view(3, 1, 1).cpu() + frontend.mean.view(3, 1, 1).cpu()) / 255
+                    shown = torch.where(rgb.isnan(), 0.5, rgb).clamp(0, 1).permute(1, 2, 0)
+                    ax.imshow(shown.numpy())
+                else:  # spectrogram: frequency up, time to the right
+                    ax.imshow(image[i, 0].numpy(), origin="lower", aspect="auto", cmap=cmap,
+                              vmin=float(images[0][i].min()), vmax=float(images[0][i].max()))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0 and r == 0:
+                    ax.set_title(columns[c])
+                if c == 0:
+                    ax.set_ylabel(f"{batch['key'][i] if 'key' in batch else i}\n{name}", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
