@@ -32,6 +32,10 @@ def _expected_types(annotation) -> tuple[type, ...] | None:
 
 def check_node(node: DictConfig, path: str) -> None:
     target = get_object(node._target_)
+    supported = getattr(target, "maskings", None)  # Zorro backbones list the maskings they implement
+    if supported is not None and node.get("masking") not in (None, *supported):
+        raise ConfigError(f"{path}.masking: {target.__name__} implements {', '.join(supported)}; "
+                          f"got {node.masking!r}")
     fn = target.__init__ if inspect.isclass(target) else target
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):

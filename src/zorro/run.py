@@ -45,6 +45,8 @@ def build_task(cfg: DictConfig):
         if not hasattr(backbone, "load_pretrained"):
             raise ConfigError(f"pretrained: {type(backbone).__name__} has no ImageNet initialisation")
         log.info("%s: %s", cfg.pretrained, backbone.load_pretrained(cfg.pretrained))
+    if cfg.get("init_from"):  # fine-tuning: the backbone of a train.py checkpoint (e.g. CAV-MAE pre-training)
+        log.info("%s: %s", cfg.init_from, init_backbone(backbone, cfg.init_from))
     if cfg.get("compile"):
         backbone.compile()
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
@@ -55,6 +57,15 @@ def build_task(cfg: DictConfig):
     if cfg.get("paths") and cfg.paths.get("output_dir"):
         task.report_dir = str(Path(cfg.paths.output_dir) / "reports")
     return datamodule, task
+
+
+def init_backbone(backbone, path: str):
+    """Copy the `backbone.*` weights of a checkpoint into `backbone`; the rest (heads, projectors) and what the
+    backbone lacks (a pre-training decoder when it is built without one) are listed as unused in the report."""
+    from .models.pretrained import load_into, load_state
+
+    return load_into(backbone, load_state(path),
+                     rename=lambda key: key.removeprefix("backbone.") if key.startswith("backbone.") else None)
 
 
 def build(cfg: DictConfig):
@@ -108,6 +119,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if "eval_inputs" in run.task:
         run.task.eval_inputs = list(cfg.eval_inputs)
     run.logger, run.callbacks = None, None
+    run.pretrained = run.init_from = None  # the checkpoint's weights replace any initialisation (no file reads)
     with open_dict(run):
         run.paths = cfg.paths
     split = cfg.get("split", "test")

@@ -62,6 +62,14 @@ def test_evaluation_yields_windows_times_crops_views_per_clip(demo_shards):
         assert n in ((1, 2) if key.startswith("sound") else (3, 6))  # audio-only clips: no spatial crops
 
 
+def test_feature_loader_gives_one_unaugmented_view_per_training_clip(demo_shards):
+    module = dm(demo_shards, eval_windows=2, eval_crops=3)
+    keys = [k for b in module.feature_dataloader("train") for k in b["key"]]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == manifest_of(demo_shards)["splits"]["train"]["num_samples"]
+    again = [k for b in module.feature_dataloader("train") for k in b["key"]]
+    assert again == keys  # deterministic: features of a frozen backbone are computed once
+
+
 def test_more_workers_than_shards(demo_shards):
     module = dm(demo_shards, num_workers=2)
     val = manifest_of(demo_shards)["splits"]["val"]

@@ -43,11 +43,11 @@ def test_video_normalisation():
 
 
 def test_spec_augment_masks_whole_bands():
-    from zorro.models.frontends import _mask_along
+    from zorro.models.frontends import mask_along
 
     torch.manual_seed(0)
     x = torch.ones(64, 1, 16, 20)
-    y = _mask_along(x, 6, dim=2)
+    y = mask_along(x, 6, dim=2)
     for b in range(64):
         rows = (y[b, 0] == 0).all(dim=1)  # masked frequency rows are zero across all time steps
         assert int(rows.sum()) < 6 and torch.equal(y[b, 0][~rows], x[b, 0][~rows])

@@ -51,17 +51,6 @@ def test_layers_before_the_fusion_layer_are_unimodal():
         assert torch.equal(model(audio, video)["audio"], model(audio, video2)["audio"])
 
 
-def test_missing_modality_is_a_zero_input():
-    torch.manual_seed(0)
-    model = mbt_tiny().eval()
-    audio, video = inputs()
-    with torch.no_grad():
-        absent = model(audio, None)
-        flagged = model(audio, video, has_video=torch.tensor([False, False]))
-    for k in absent:
-        torch.testing.assert_close(absent[k], flagged[k])
-
-
 def test_imagenet_vit_weights_load_into_both_streams(tmp_path):
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=64, depth=4, num_heads=4)
     torch.save({"model": vit.state_dict()}, tmp_path / "vit.pth")  # MAE-style wrapper is unwrapped

@@ -47,7 +47,8 @@ def test_mixup_shares_one_lambda_between_inputs_and_targets():
     lam, _ = float(beta.sample()), beta.sample()
     perm = torch.randperm(4)
     torch.testing.assert_close(mixed_target, lam * target + (1 - lam) * target[perm])
-    torch.testing.assert_close(mixed["audio"], lam * audio.float() + (1 - lam) * audio.float()[perm])
+    wav = audio.float() / 32768  # the front end's scale for float audio
+    torch.testing.assert_close(mixed["audio"], lam * wav + (1 - lam) * wav[perm])
     torch.testing.assert_close(mixed["video"], lam * video.float() + (1 - lam) * video.float()[perm])
     assert torch.equal(mixed["has_video"], batch["has_video"] | batch["has_video"][perm])
 
@@ -64,7 +65,8 @@ def test_modality_mixup_draws_one_lambda_per_modality():
     lam_a, lam_v = float(beta.sample()), float(beta.sample())
     perm = torch.randperm(4)
     assert lam_a != lam_v
-    torch.testing.assert_close(mixed["audio"], lam_a * audio.float() + (1 - lam_a) * audio.float()[perm])
+    wav = audio.float() / 32768
+    torch.testing.assert_close(mixed["audio"], lam_a * wav + (1 - lam_a) * wav[perm])
     torch.testing.assert_close(mixed["video"], lam_v * video.float() + (1 - lam_v) * video.float()[perm])
     lam = (lam_a + lam_v) / 2
     torch.testing.assert_close(mixed_target, lam * target + (1 - lam) * target[perm])

@@ -46,13 +46,17 @@ class ClipSampler:
 
     def __init__(self, *, num_classes: int, multi_label: bool, num_frames: int, frame_rate: float, image_size: int,
                  sample_rate: int, train: bool, min_crop_scale: float, aspect_ratio: Sequence[float], flip: bool,
-                 color_prob: float, windows: int, crops: int, modalities: Sequence[str]):
+                 color_prob: float, windows: int, crops: int, modalities: Sequence[str],
+                 audio_seconds: float | None = None):
         self.num_classes, self.multi_label = num_classes, multi_label
         self.num_frames, self.frame_rate, self.image_size, self.sample_rate = num_frames, frame_rate, image_size, sample_rate
         self.window = num_frames / frame_rate
         self.train, self.min_crop_scale, self.aspect_ratio = train, min_crop_scale, tuple(aspect_ratio)
         self.flip, self.color_prob, self.windows, self.crops = flip, color_prob, windows, crops
         self.modalities = set(modalities)
+        # None: each view's audio spans its frames' window (Zorro, MBT). A number: every view gets the clip's
+        # first `audio_seconds` (looped if shorter) whatever its frames (CAV-MAE: 10 s of audio, one frame).
+        self.audio_seconds = audio_seconds
 
     def label(self, meta: dict) -> torch.Tensor:
         ids = meta.get("label_ids", [])
@@ -98,12 +102,15 @@ class ClipSampler:
         else:
             starts = window_starts(duration, self.window, self.windows)
         offset = 0.0  # time of the first sample of `audio`
-        if len(starts) == 1 and starts[0] + self.window <= duration:
+        audio_seconds = self.audio_seconds or self.window
+        if self.audio_seconds:
+            audio = self.audio(raw, meta, span=(0.0, audio_seconds))
+        elif len(starts) == 1 and starts[0] + self.window <= duration:
             offset = starts[0]
             audio = self.audio(raw, meta, span=(offset, self.window))
         else:  # several windows, or a short clip to loop
             audio = self.audio(raw, meta)
-        n_audio = int(round(self.window * self.sample_rate))
+        n_audio = int(round(audio_seconds * self.sample_rate))
         for view_w, start in enumerate(starts):
             if has_video:
                 idx = window_frame_indices(start=start, num_frames=self.num_frames, frame_rate=self.frame_rate,
@@ -114,8 +121,8 @@ class ClipSampler:
             else:
                 boxes = [None]  # no frames: spatial crops would be identical views
             wav = torch.zeros(n_audio, dtype=torch.int16) if audio is None else torch.from_numpy(
-                window_audio(audio, start=start - offset, seconds=self.window, sample_rate=self.sample_rate
-                             ).astype(np.int16))
+                window_audio(audio, start=0.0 if self.audio_seconds else start - offset, seconds=audio_seconds,
+                             sample_rate=self.sample_rate).astype(np.int16))
             for view_c, box in enumerate(boxes):
                 if has_video:
                     video = crop_resize(clip, box, self.image_size)
@@ -255,7 +262,8 @@ class ShardDataModule(pl.LightningDataModule):
                  color_prob: float = 0.8, shuffle_buffer: int = 512, eval_windows: int = 4, eval_crops: int = 3,
                  epoch_length: int | None = None, train_split: str = "train", val_split: str = "val",
                  test_split: str = "test", cv_fold: int | None = None,
-                 modalities: Sequence[str] = ("audio", "video"), pin_memory: bool = False, seed: int = 0):
+                 modalities: Sequence[str] = ("audio", "video"), audio_seconds: float | None = None,
+                 pin_memory: bool = False, seed: int = 0):
         super().__init__()
         self.root = Path(root)
         self.manifest = read_manifest(root)
@@ -279,9 +287,10 @@ class ShardDataModule(pl.LightningDataModule):
         common = dict(num_classes=self.info.num_classes, multi_label=self.info.multi_label, num_frames=num_frames,
                       frame_rate=frame_rate, image_size=image_size, sample_rate=sample_rate,
                       min_crop_scale=min_crop_scale, aspect_ratio=aspect_ratio, flip=flip, color_prob=color_prob,
-                      modalities=modalities)
+                      modalities=modalities, audio_seconds=audio_seconds)
         self.samplers = {"train": ClipSampler(train=True, windows=1, crops=1, **common),
-                         "eval": ClipSampler(train=False, windows=eval_windows, crops=eval_crops, **common)}
+                         "eval": ClipSampler(train=False, windows=eval_windows, crops=eval_crops, **common),
+                         "features": ClipSampler(train=False, windows=1, crops=1, **common)}  # linear probe
         self._streams: dict[str, ShardStream] = {}
 
     def _shards(self, stage: str) -> list[dict]:
@@ -328,7 +337,7 @@ class ShardDataModule(pl.LightningDataModule):
         unaugmented view per clip; other splits with their evaluation views."""
         if stage != "train":
             return self._loader(stage)
-        sampler = ClipSampler(**{**vars(self.samplers["eval"]), "train": False, "windows": 1, "crops": 1})
+        sampler = self.samplers["features"]
         rank, world = self._rank_world()
         stream = ShardStream(shards=[str(self.root / s["name"]) for s in self._shards("train")],
                              counts=[s["num_samples"] for s in self._shards("train")], sampler=sampler, train=False,

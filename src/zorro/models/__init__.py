@@ -1,15 +1,24 @@
 """Backbones and their parts: plain nn.Modules, keyword-only constructors, no Hydra or Lightning."""
 
+from .cav_mae import CAVMAE, cav_mae_base, cav_mae_tiny
 from .mbt import MBT, mbt_base, mbt_tiny
 from .routing import GROUPS, MASKINGS, OUTPUTS, Routing, TokenLayout
+from .zorro_hip import ZorroHiP, zorro_hip_base, zorro_hip_tiny
+from .zorro_swin import ZorroSwin, zorro_swin_base, zorro_swin_tiny
 from .zorro_vit import ZorroViT, zorro_vit_base, zorro_vit_tiny
 
 # Named variants, like timm's registry: tests are parametrised over it.
 MODELS = {
     "zorro_vit_base": zorro_vit_base,
     "zorro_vit_tiny": zorro_vit_tiny,
+    "zorro_swin_base": zorro_swin_base,
+    "zorro_swin_tiny": zorro_swin_tiny,
+    "zorro_hip_base": zorro_hip_base,
+    "zorro_hip_tiny": zorro_hip_tiny,
     "mbt_base": mbt_base,
     "mbt_tiny": mbt_tiny,
+    "cav_mae_base": cav_mae_base,
+    "cav_mae_tiny": cav_mae_tiny,
 }
 
 
@@ -23,5 +32,5 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MBT", "mbt_base", "mbt_tiny", "GROUPS", "MASKINGS", "OUTPUTS", "Routing", "TokenLayout", "ZorroViT", "MODELS", "create_model",
+__all__ = ["CAVMAE", "cav_mae_base", "cav_mae_tiny", "MBT", "mbt_base", "mbt_tiny", "GROUPS", "MASKINGS", "OUTPUTS", "Routing", "TokenLayout", "ZorroViT", "MODELS", "create_model",
            "count_parameters", "zorro_vit_base", "zorro_vit_tiny"]

@@ -70,7 +70,7 @@ class AudioFrontend(nn.Module):
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.num_masks):
-            x = _mask_along(_mask_along(x, self.freq_mask, dim=2), self.time_mask, dim=3)
+            x = mask_along(mask_along(x, self.freq_mask, dim=2), self.time_mask, dim=3)
         if self.freq_jitter:
             # Shift each example by its own integer number of mel bins; vacated bins get the batch mean (0).
             B, _, F, _ = x.shape
@@ -81,7 +81,7 @@ class AudioFrontend(nn.Module):
         return x
 
 
-def _mask_along(x: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:
+def mask_along(x: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:
     """SpecAugment's mask: per example a band of width U[0, max_width) at a uniform start is set to 0 (the
     normalised mean). torchaudio's FrequencyMasking/TimeMasking(iid_masks=True) compute the same but build the
     band with a float arange that torch_xla rejects, so the TPU path needs this integer version."""
@@ -95,6 +95,11 @@ def _mask_along(x: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:
     shape = [B] + [1] * (x.ndim - 1)
     shape[dim] = size
     return x.masked_fill(band.view(shape), 0.0)
+
+
+def zero_absent(x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    """Zero the inputs of samples whose modality is absent (B bool flags): the paper's missing-modality input."""
+    return x if present is None else x * present.view(-1, *[1] * (x.ndim - 1)).to(x.dtype)
 
 
 class VideoFrontend(nn.Module):

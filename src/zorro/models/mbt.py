@@ -29,7 +29,7 @@ import torch.utils.checkpoint
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .frontends import AudioFrontend, VideoFrontend
+from .frontends import AudioFrontend, VideoFrontend, zero_absent
 from .layers import PatchEmbed, init_vit_weights, resample_pos_embed
 from .pretrained import LoadReport, load_into, load_state
 
@@ -108,8 +108,7 @@ class MBT(nn.Module):
         else:
             spec = self.audio_frontend(audio)
             spec = spec[..., : spec.shape[-1] // p * p]
-            if present is not None:
-                spec = spec * present.view(-1, 1, 1, 1).to(spec.dtype)
+            spec = zero_absent(spec, present)
         return self.audio.tokens(self.audio.patch_embed(spec), self.audio.patch_embed.grid(*spec.shape[-2:]))
 
     def embed_video(self, video, present, batch):
@@ -119,8 +118,7 @@ class MBT(nn.Module):
             frames = self.video.pos_embed.new_zeros(batch, T, 3, h * p, w * p)
         else:
             frames = self.video_frontend(video)
-            if present is not None:
-                frames = frames * present.view(-1, 1, 1, 1, 1).to(frames.dtype)
+            frames = zero_absent(frames, present)
         B, T = frames.shape[:2]
         grid = (T, *self.video.patch_embed.grid(*frames.shape[-2:]))
         patches = self.video.patch_embed(frames.flatten(0, 1)).reshape(B, -1, self.output_dim)

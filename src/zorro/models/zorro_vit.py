@@ -17,10 +17,10 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .frontends import AudioFrontend, VideoFrontend
+from .frontends import AudioFrontend, VideoFrontend, zero_absent
 from .layers import Block, Groupwise, OutputDecoder, PatchEmbed, init_vit_weights, resample_pos_embed
 from .pretrained import LoadReport, load_into, load_state
-from .routing import GROUPS, Routing, TokenLayout, output_names
+from .routing import GROUPS, MASKINGS, Routing, TokenLayout, output_names
 
 MISSING_MODALITY = ("zeros", "drop")
 
@@ -41,6 +41,8 @@ class ZorroViT(nn.Module):
         grad_checkpointing: recompute each block's activations in the backward pass (activation
             checkpointing): less memory for big models on small GPUs, ~30% more compute.
     """
+
+    maskings: tuple[str, ...] = tuple(MASKINGS)  # every row of routing.MASKINGS
 
     def __init__(self, *, dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  patch_size: int = 16, num_fusion: int = 6, masking: str = "zorro", fusion_level: int = 0,
@@ -96,8 +98,7 @@ class ZorroViT(nn.Module):
         else:
             spec = self.audio_frontend(audio)
             spec = spec[..., : spec.shape[-1] // self.audio_embed.patch_size * self.audio_embed.patch_size]
-            if present is not None:
-                spec = spec * present.view(-1, 1, 1, 1).to(spec.dtype)
+            spec = zero_absent(spec, present)
         grid = self.audio_embed.grid(*spec.shape[-2:])
         return self.audio_embed(spec) + resample_pos_embed(self.audio_pos, self.audio_grid, grid)
 
@@ -108,8 +109,7 @@ class ZorroViT(nn.Module):
             frames = self.video_pos.new_zeros(batch, T, 3, h * p, w * p)
         else:
             frames = self.video_frontend(video)
-            if present is not None:
-                frames = frames * present.view(-1, 1, 1, 1, 1).to(frames.dtype)
+            frames = zero_absent(frames, present)
         B, T = frames.shape[:2]
         grid = (T, *self.video_embed.grid(*frames.shape[-2:]))
         tokens = self.video_embed(frames.flatten(0, 1)).reshape(B, -1, self.video_pos.shape[-1])

@@ -68,7 +68,8 @@ class SupervisedTask(BaseTask):
         mixed = dict(batch)
         for key, lam in lams.items():
             if batch.get(key) is not None:
-                x = batch[key].float()
+                # int16 audio becomes float in [-1, 1], the scale the front ends read floats in
+                x = batch[key].float() / 32768.0 if batch[key].dtype == torch.int16 else batch[key].float()
                 mixed[key] = lam * x + (1 - lam) * x[perm]
         for key in ("has_audio", "has_video"):
             if key in batch:
