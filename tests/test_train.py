@@ -27,6 +27,15 @@ def test_fast_dev_run_every_masking_and_task(masking, task, tmp_path):
     train(compose_cfg(overrides=overrides, output_dir=tmp_path))
 
 
+@pytest.mark.parametrize("task", ["supervised", "contrastive"])
+@pytest.mark.parametrize("model", ["zorro_swin_tiny", "zorro_hip_tiny", "mbt_tiny", "cav_mae_tiny"])
+def test_fast_dev_run_every_backbone_and_task(model, task, tmp_path):
+    overrides = ["debug=tiny", "trainer.fast_dev_run=true", f"model={model}", f"task={task}"]
+    if task == "contrastive" and model in ("mbt_tiny", "cav_mae_tiny"):
+        overrides.append("task.loss=eq2")  # no fusion output for eq. 3
+    train(compose_cfg(overrides=overrides, output_dir=tmp_path))
+
+
 def _tiny(tmp_path, *extra):
     return compose_cfg(overrides=["debug=tiny", "logger=none", *extra], output_dir=tmp_path)
 

@@ -2,13 +2,19 @@ import json
 import shutil
 from collections import Counter
 
+import functools
+
+import lightning.pytorch as pl
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import zorro.data.shards as shards_module
 from zorro.data.mixed import MixedModalityDataModule
 from zorro.data.shards import ShardDataModule
+from zorro.models import zorro_vit_tiny
+from zorro.tasks import SupervisedTask
 from zorro.run import train
 
 from ..conftest import compose_cfg
@@ -153,3 +159,40 @@ def test_reading_an_audio_span_equals_slicing_the_whole_clip(demo_shards):
     span = sampler.audio(raw, meta, span=(0.5, 0.64))
     assert len(span) == int(0.64 * 16000)
     assert (span == whole[8000 : 8000 + len(span)]).all()
+
+
+class _Keys(pl.Callback):
+    def __init__(self):
+        self.keys = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.keys.append(list(batch["key"]))
+
+
+def _fit(root, ckpt_dir, workers, *, max_steps=-1, ckpt_path=None, max_epochs=1):
+    module = dm(root, num_workers=workers, shuffle_buffer=4)
+    task = SupervisedTask(backbone=zorro_vit_tiny(num_frames=4, image_size=32), dataset=module.info,
+                          optimizer=functools.partial(torch.optim.SGD, lr=0.0))
+    keys = _Keys()
+    last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=1)
+    trainer = pl.Trainer(max_epochs=max_epochs, max_steps=max_steps, callbacks=[keys, last], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=module, ckpt_path=ckpt_path)
+    return keys.keys
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_mid_epoch_resume_continues_the_epoch_without_repeats(demo_shards, tmp_path, workers):
+    full = _fit(demo_shards, tmp_path / "full", workers)
+    assert len(full) >= 3
+    first = _fit(demo_shards, tmp_path / "run", workers, max_steps=2)  # killed after 2 steps
+    rest = _fit(demo_shards, tmp_path / "run2", workers, ckpt_path=tmp_path / "run" / "last.ckpt")
+    assert first == full[:2] and first + rest == full  # the same batches, in the same order, none twice
+
+
+def test_resuming_from_an_epoch_end_checkpoint_starts_the_next_epoch(demo_shards, tmp_path):
+    full = _fit(demo_shards, tmp_path / "full", 0, max_epochs=2)
+    first = _fit(demo_shards, tmp_path / "run", 0)
+    rest = _fit(demo_shards, tmp_path / "run2", 0, ckpt_path=tmp_path / "run" / "last.ckpt", max_epochs=2)
+    assert first + rest == full and rest != first  # epoch 1's own shuffle, not a replay of epoch 0

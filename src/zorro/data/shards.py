@@ -10,6 +10,7 @@ batches per epoch on every rank (DDP needs that), looping over a slot's samples 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import random
@@ -181,11 +182,13 @@ def _slot(rank: int, world: int) -> tuple[int, int]:
 class ShardStream(IterableDataset):
     def __init__(self, *, shards: Sequence[str], counts: Sequence[int], sampler: ClipSampler, train: bool,
                  samples_per_slot: int | None = None, length: int | None = None, shuffle_buffer: int = 0,
-                 seed: int = 0, rank: int = 0, world: int = 1):
+                 seed: int = 0, rank: int = 0, world: int = 1, batch_size: int = 1):
         self.shards, self.counts, self.sampler, self.train = list(shards), list(counts), sampler, train
         self.rank, self.world = rank, world
         self.samples_per_slot, self.length, self.shuffle_buffer, self.seed = samples_per_slot, length, shuffle_buffer, seed
         self.epoch = 0  # advanced by every __iter__ (workers are persistent, so each keeps its own count)
+        self.resume: tuple[int, int] | None = None  # (epoch, batches this rank trained on) from a checkpoint
+        self.batch_size = batch_size
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -207,8 +210,8 @@ class ShardStream(IterableDataset):
                 yield sample
             n += 1
 
-    def _samples(self, slot, slots, rng, order_rng):
-        for raw in self._raw(slot, slots, order_rng):
+    def _decode(self, raws, rngs):
+        for raw, rng in zip(raws, rngs):
             try:
                 yield from self.sampler(raw, rng)
             except Exception as e:  # one unreadable sample must not end the epoch: count it and go on
@@ -219,24 +222,42 @@ class ShardStream(IterableDataset):
         slot, slots = _slot(self.rank, self.world)
         epoch, self.epoch = self.epoch, self.epoch + 1
         if not self.train:
-            yield from self._samples(slot, slots, random.Random(self.seed), random.Random(self.seed))
+            rng = random.Random(self.seed)
+            yield from self._decode(self._raw(slot, slots, random.Random(self.seed)), itertools.repeat(rng))
             return
-        for _, sample in zip(range(self.samples_per_slot), self._loop(slot, slots, epoch)):
+        skip, self.resume = self._resumed_samples(epoch), None
+        for _, sample in zip(range(self.samples_per_slot - skip), self._loop(slot, slots, epoch, skip)):
             yield sample
 
-    def _loop(self, slot, slots, epoch):
+    def _resumed_samples(self, epoch: int) -> int:
+        """Samples this slot already gave in the epoch a mid-epoch checkpoint interrupted. The DataLoader takes
+        batch k from worker k % W, so after `done` batches worker w has given ceil((done - w) / W) of them."""
+        if self.resume is None or self.resume[0] != epoch:
+            return 0
+        info = get_worker_info()
+        w, W = (info.id, info.num_workers) if info else (0, 1)
+        return max(0, -(-(self.resume[1] - w) // W)) * self.batch_size
+
+    def _loop(self, slot, slots, epoch, skip=0):
         """This slot's samples (shard order shuffled, then a shuffle buffer), looping only if the epoch asks for
-        more than the slot has: the buffer works within one pass, so a pass never repeats a sample."""
+        more than the slot has: the buffer works within one pass, so a pass never repeats a sample.
+
+        The buffer shuffles the raw (undecoded) samples and each sample's crops/flips come from its own seeded
+        generator, so a resumed epoch drops the `skip` samples already trained on without decoding them and
+        continues with exactly the samples the uninterrupted run would have given."""
         for rep in range(1 << 30):
             produced = False
-            rng = random.Random(hash((self.seed, epoch, slot, rep)))  # this slot's crops, flips, buffer
-            stream = self._samples(slot, slots, rng, order_rng=random.Random(hash((self.seed, epoch, rep))))
+            rng = random.Random(hash((self.seed, epoch, slot, rep)))  # this slot's buffer
+            raws = self._raw(slot, slots, order_rng=random.Random(hash((self.seed, epoch, rep))))
             if self.shuffle_buffer > 1:
-                stream = _shuffled(stream, self.shuffle_buffer, rng)
-            for sample in stream:
+                raws = _shuffled(raws, self.shuffle_buffer, rng)
+            rngs = (random.Random(hash((self.seed, epoch, slot, rep, n))) for n in itertools.count())
+            if skip and rep == 0:
+                raws, rngs = itertools.islice(raws, skip, None), itertools.islice(rngs, skip, None)
+            for sample in self._decode(raws, rngs):
                 produced = True
                 yield sample
-            if not produced:
+            if not produced and not (skip and rep == 0):
                 raise RuntimeError(f"slot {slot}/{slots} found no readable samples in {len(self.shards)} shards")
 
 
@@ -292,6 +313,7 @@ class ShardDataModule(pl.LightningDataModule):
                          "eval": ClipSampler(train=False, windows=eval_windows, crops=eval_crops, **common),
                          "features": ClipSampler(train=False, windows=1, crops=1, **common)}  # linear probe
         self._streams: dict[str, ShardStream] = {}
+        self._resume: tuple[int, int] | None = None
 
     def _shards(self, stage: str) -> list[dict]:
         names = self.split_names.get(stage, [stage])
@@ -319,9 +341,26 @@ class ShardDataModule(pl.LightningDataModule):
         if self.epoch_length:  # a fixed epoch length (shorter, or longer with repeats)
             per_slot = self.epoch_length // slots
         per_slot = max(per_slot // self.batch_size, 1) * self.batch_size  # whole batches, equal everywhere
-        return ShardStream(shards=shards, counts=counts, sampler=self.samplers["train"], train=True,
+        stream = ShardStream(shards=shards, counts=counts, sampler=self.samplers["train"], train=True,
                            samples_per_slot=per_slot, length=per_slot * workers, shuffle_buffer=self.shuffle_buffer,
-                           seed=self.seed, rank=rank, world=world)
+                           seed=self.seed, rank=rank, world=world, batch_size=self.batch_size)
+        if self._resume:  # continue the checkpoint's epoch where it stopped (see ShardStream._loop), or the next
+            epoch, done = self._resume
+            finished = done >= len(stream) // self.batch_size
+            stream.epoch, stream.resume = (epoch + 1, None) if finished else (epoch, self._resume)
+            self._resume = None
+        return stream
+
+    # Lightning saves these in checkpoints and restores them before it builds the loaders.
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        return {"epoch": trainer.current_epoch,
+                "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (state["epoch"], state["batches"]) if state.get("batches") else None
 
     def _loader(self, stage: str):
         if not self.has_split(stage):
