@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 import torchaudio
 from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .frontends import VideoFrontend, mask_along, zero_absent
-from .layers import PatchEmbed
+from .frontends import VideoFrontend, frames_or_zeros, mask_along, zero_absent
+from .layers import PatchEmbed, maybe_checkpoint
 from .pretrained import LoadReport, load_into, load_state
 
 # AudioSet fbank statistics of the official code (dataset_mean/std in its run scripts): (x - mean) / std.
@@ -192,17 +191,12 @@ class CAVMAE(nn.Module):
 
     def video_input(self, video: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Normalised frames B x T x 3 x H x W; absent samples (or video=None) are zeros."""
-        if video is None:
-            side = self.video_grid[0] * self.patch_size
-            return self.pos_embed_v.new_zeros(batch, self.num_frames, 3, side, side)
-        frames = self.video_frontend(video)
-        frames = zero_absent(frames, present)
-        return frames
+        side = self.video_grid[0] * self.patch_size
+        return frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.pos_embed_v,
+                               shape=(self.num_frames, 3, side, side))
 
     def _run(self, block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
-        return block(x, *args)
+        return maybe_checkpoint(block, x, *args, enabled=self.grad_checkpointing and self.training)
 
     def encode_audio(self, spec: torch.Tensor, mask_ratio: float = 0.0, mask_mode: str = "random"):
         """Eq. 2 and E_a: (tokens after the audio layers, mask B x L (1 = hidden), ids_restore)."""

@@ -102,6 +102,25 @@ def zero_absent(x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
     return x if present is None else x * present.view(-1, *[1] * (x.ndim - 1)).to(x.dtype)
 
 
+def spectrogram_or_zeros(frontend: AudioFrontend, audio: torch.Tensor | None, present: torch.Tensor | None, *,
+                         batch: int, shape: tuple[int, ...], like: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+    """A backbone's audio input: the log-mel B x 1 x F x T (T cut to a multiple of the patch width), zeroed for
+    absent samples; with no audio at all, zeros of the configured per-sample `shape` on `like`'s device/dtype."""
+    if audio is None:
+        return like.new_zeros(batch, *shape)
+    spec = frontend(audio)
+    return zero_absent(spec[..., : spec.shape[-1] // multiple * multiple], present)
+
+
+def frames_or_zeros(frontend: "VideoFrontend", video: torch.Tensor | None, present: torch.Tensor | None, *,
+                    batch: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A backbone's video input: normalised frames B x T x 3 x H x W, zeroed for absent samples; with no video at
+    all, zeros of the configured per-sample `shape` (T, 3, H, W)."""
+    if video is None:
+        return like.new_zeros(batch, *shape)
+    return zero_absent(frontend(video), present)
+
+
 class VideoFrontend(nn.Module):
     """uint8 (or float in [0, 255]) frames B x T x 3 x H x W -> normalised float frames."""
 

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp
 from torch import nn
 
@@ -163,6 +164,14 @@ def resample_pos_embed(pos: torch.Tensor, old_grid: Sequence[int], new_grid: Seq
     mode = {2: "bicubic", 3: "trilinear"}[len(old_grid)]
     grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False)
     return grid.movedim(1, -1).reshape(1, math.prod(new_grid), dim).to(pos.dtype)
+
+
+def maybe_checkpoint(fn: Callable, *args, enabled: bool):
+    """fn(*args), recomputing its activations in the backward pass (activation checkpointing) when `enabled`
+    and gradients are being recorded: the backbones' `grad_checkpointing` option."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def init_vit_weights(m: nn.Module) -> None:

@@ -25,12 +25,11 @@ import math
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .frontends import AudioFrontend, VideoFrontend, zero_absent
-from .layers import PatchEmbed, init_vit_weights, resample_pos_embed
+from .frontends import AudioFrontend, VideoFrontend, frames_or_zeros, spectrogram_or_zeros
+from .layers import PatchEmbed, init_vit_weights, maybe_checkpoint, resample_pos_embed
 from .pretrained import LoadReport, load_into, load_state
 
 
@@ -103,31 +102,21 @@ class MBT(nn.Module):
     # -- inputs (a missing modality is a zero input, like ZorroViT) ---------------------------------------
     def embed_audio(self, audio, present, batch):
         p = self.audio.patch_embed.patch_size
-        if audio is None:
-            spec = self.audio.pos_embed.new_zeros(batch, 1, self.audio.grid[0] * p, self.audio.grid[1] * p)
-        else:
-            spec = self.audio_frontend(audio)
-            spec = spec[..., : spec.shape[-1] // p * p]
-            spec = zero_absent(spec, present)
+        spec = spectrogram_or_zeros(self.audio_frontend, audio, present, batch=batch, like=self.audio.pos_embed,
+                                    multiple=p, shape=(1, self.audio.grid[0] * p, self.audio.grid[1] * p))
         return self.audio.tokens(self.audio.patch_embed(spec), self.audio.patch_embed.grid(*spec.shape[-2:]))
 
     def embed_video(self, video, present, batch):
-        if video is None:
-            T, h, w = self.video.grid
-            p = self.video.patch_embed.patch_size
-            frames = self.video.pos_embed.new_zeros(batch, T, 3, h * p, w * p)
-        else:
-            frames = self.video_frontend(video)
-            frames = zero_absent(frames, present)
+        (T, h, w), p = self.video.grid, self.video.patch_embed.patch_size
+        frames = frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.video.pos_embed,
+                                 shape=(T, 3, h * p, w * p))
         B, T = frames.shape[:2]
         grid = (T, *self.video.patch_embed.grid(*frames.shape[-2:]))
         patches = self.video.patch_embed(frames.flatten(0, 1)).reshape(B, -1, self.output_dim)
         return self.video.tokens(patches, grid)
 
     def _run(self, block, x):
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        return block(x)
+        return maybe_checkpoint(block, x, enabled=self.grad_checkpointing and self.training)
 
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
                 has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -69,14 +69,14 @@ class LoadReport:
 
 
 def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: Rename | None = None,
-              channels_to_one: Sequence[str] = (), pos_grids: Mapping[str, Sequence[int]] | None = None,
-              prefix_tokens: int | None = None) -> LoadReport:
+              channels_to_one: Sequence[str] = (), pos_grids: Mapping[str, Sequence[int]] | None = None) -> LoadReport:
     """Copy `state` into `module` (in place) and say what happened.
 
     rename: checkpoint key -> model key(s) or None to skip (one source may feed several streams).
     channels_to_one: model keys of 1-channel patch kernels that take a summed RGB kernel.
     pos_grids: model key of a flattened position embedding -> its grid ((h, w) or (t, h, w)); the
-        checkpoint's grid is taken as square after dropping `prefix_tokens` (default: whatever is left over).
+        checkpoint's grid is the largest square its entries hold; the entries in front of it (class / register
+        tokens) are dropped.
     """
     target = module.state_dict()
     report, seen = LoadReport(), set()
@@ -92,7 +92,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
                 report.unexpected.append(f"{src_key} -> {key}")
                 continue
             want = target[key]
-            adapted, how = _adapt(key, value, want, channels_to_one, (pos_grids or {}).get(key), prefix_tokens)
+            adapted, how = _adapt(key, value, want, channels_to_one, (pos_grids or {}).get(key))
             if adapted is None:
                 report.mismatched.append((key, tuple(value.shape), tuple(want.shape)))
                 continue
@@ -106,7 +106,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
     return report
 
 
-def _adapt(key, value, want, channels_to_one, grid, prefix_tokens):
+def _adapt(key, value, want, channels_to_one, grid):
     if value.shape == want.shape:
         return value, ""
     how = []
@@ -126,14 +126,8 @@ def _adapt(key, value, want, channels_to_one, grid, prefix_tokens):
     if "relative_position_bias_table" in key and value.ndim == want.ndim == 2 and value.shape[1] == want.shape[1]:
         return _resize_bias_table(value, want.shape[0]), "relative-position-bias table resized"
     if grid is not None and value.ndim == 3 and want.ndim == 3 and value.shape[-1] == want.shape[-1]:
-        n = value.shape[1] - (prefix_tokens or 0)
-        side = math.isqrt(n)
-        if prefix_tokens is None:  # class / register tokens sit in front of the grid
-            side = math.isqrt(value.shape[1])
-            n = side * side
-        if side * side != n:
-            return None, ""
-        pos = value[:, value.shape[1] - n:]
+        side = math.isqrt(value.shape[1])  # class / register tokens sit in front of the grid
+        pos = value[:, value.shape[1] - side * side:]
         grid = tuple(grid)
         spatial = resample_pos_embed(pos, (side, side), grid[-2:])
         if len(grid) == 3:  # image positions shared by every frame (temporal positions are learned from zero)

@@ -39,13 +39,12 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import LayerNorm2d, Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .frontends import AudioFrontend, VideoFrontend, zero_absent
-from .layers import OutputDecoder, resample_pos_embed
+from .frontends import AudioFrontend, VideoFrontend, frames_or_zeros, spectrogram_or_zeros
+from .layers import OutputDecoder, maybe_checkpoint, resample_pos_embed
 from .routing import GROUPS, Routing, TokenLayout, output_names
 
 
@@ -320,23 +319,15 @@ class ZorroHiP(nn.Module):
 
     def embed_audio(self, audio: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
         p = self.audio_embed.patch_size
-        if audio is None:
-            spec = self.audio_pos.new_zeros(batch, 1, self.audio_grid[0] * p, self.audio_grid[1] * p)
-        else:
-            spec = self.audio_frontend(audio)
-            spec = spec[..., : spec.shape[-1] // p * p]
-            spec = zero_absent(spec, present)
+        spec = spectrogram_or_zeros(self.audio_frontend, audio, present, batch=batch, like=self.audio_pos, multiple=p,
+                                    shape=(1, self.audio_grid[0] * p, self.audio_grid[1] * p))
         grid = self.audio_embed.grid(*spec.shape[-2:])
         return self._positions(self.audio_embed(spec), grid, self.audio_grid, self.audio_fourier, self.audio_pos)
 
     def embed_video(self, video: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        if video is None:
-            T, h, w = self.video_grid
-            p = self.video_embed.patch_size
-            frames = self.video_pos.new_zeros(batch, T, 3, h * p, w * p)
-        else:
-            frames = self.video_frontend(video)
-            frames = zero_absent(frames, present)
+        (T, h, w), p = self.video_grid, self.video_embed.patch_size
+        frames = frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.video_pos,
+                                 shape=(T, 3, h * p, w * p))
         B, T = frames.shape[:2]
         grid = (T, *self.video_embed.grid(*frames.shape[-2:]))
         tokens = self.video_embed(frames.flatten(0, 1)).reshape(B, math.prod(grid), -1)
@@ -358,10 +349,7 @@ class ZorroHiP(nn.Module):
         hidden = []
         for i, (block, skip) in enumerate(zip(self.blocks, self.skips)):
             skip_x = None if skip is None else {s: t for s, t in hidden[skip].items() if skip or s != "fusion"}
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, self.routing, skip_x, use_reentrant=False)
-            else:
-                x = block(x, self.routing, skip_x)
+            x = maybe_checkpoint(block, x, self.routing, skip_x, enabled=self.grad_checkpointing and self.training)
             if i == 0 and self.fusion_latents is not None:  # the fusion stream skips block 0
                 x["fusion"] = self.fusion_latents.expand(batch, -1, -1)
             hidden.append(x)

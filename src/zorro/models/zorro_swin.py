@@ -26,13 +26,12 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
-from .frontends import AudioFrontend, VideoFrontend, zero_absent
-from .layers import Block, OutputDecoder, init_vit_weights
+from .frontends import AudioFrontend, VideoFrontend, frames_or_zeros, spectrogram_or_zeros
+from .layers import Block, OutputDecoder, init_vit_weights, maybe_checkpoint
 from .pretrained import LoadReport, load_into, load_state
 from .routing import GROUPS, Routing, TokenLayout, output_names
 
@@ -233,7 +232,7 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
         x = self.downsample(x)
         for block in self.blocks:
-            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+            x = maybe_checkpoint(block, x, enabled=checkpointing)
         return x
 
 
@@ -400,17 +399,13 @@ class ZorroSwin(nn.Module):
 
     # -- inputs ------------------------------------------------------------------------------------------------
     def audio_input(self, audio: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        if audio is None:  # zero input, as the paper does for a missing modality
-            return self.decoder.queries.new_zeros(batch, 1, *self.audio_shape)
-        spec = self.audio_frontend(audio)
-        return zero_absent(spec, present)
+        # a missing modality is a zero input, as in the paper
+        return spectrogram_or_zeros(self.audio_frontend, audio, present, batch=batch, like=self.decoder.queries,
+                                    shape=(1, *self.audio_shape))
 
     def video_input(self, video: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        if video is None:
-            frames = self.decoder.queries.new_zeros(batch, *self.video_shape)
-        else:
-            frames = self.video_frontend(video)
-            frames = zero_absent(frames, present)
+        frames = frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.decoder.queries,
+                                 shape=self.video_shape)
         return frames.transpose(1, 2)  # B x 3 x T x H x W for the 3D convolution
 
     # -- forward -----------------------------------------------------------------------------------------------
@@ -427,13 +422,11 @@ class ZorroSwin(nn.Module):
         a = self.audio.patch_embed(self.audio_input(audio, has_audio, batch))  # B x H x W x C
         v = self.video.patch_embed(self.video_input(video, has_video, batch))  # B x T x H x W x C
         f = self.fusion_latents.expand(batch, -1, -1) if self.num_fusion else None
-        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        ckpt = self.grad_checkpointing and self.training
         for i, (audio_stage, video_stage) in enumerate(zip(self.audio.layers, self.video.layers)):
             a, v = audio_stage(a, ckpt), video_stage(v, ckpt)
             if f is not None:  # the fusion stream reads the streams; nothing reads it back
-                args = (f, a.flatten(1, 2), v.flatten(1, 3))
-                stage = self.fusion_stages[i]
-                f = torch.utils.checkpoint.checkpoint(stage, *args, use_reentrant=False) if ckpt else stage(*args)
+                f = maybe_checkpoint(self.fusion_stages[i], f, a.flatten(1, 2), v.flatten(1, 3), enabled=ckpt)
         tokens = {"audio": self.audio.norm(a).flatten(1, 2), "video": self.video.norm(v).flatten(1, 3)}
         if f is not None:
             tokens["fusion"] = self.fusion_norm(f)

@@ -14,11 +14,11 @@ import re
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
-from .frontends import AudioFrontend, VideoFrontend, zero_absent
-from .layers import Block, Groupwise, OutputDecoder, PatchEmbed, init_vit_weights, resample_pos_embed
+from .frontends import AudioFrontend, VideoFrontend, frames_or_zeros, spectrogram_or_zeros
+from .layers import (Block, Groupwise, OutputDecoder, PatchEmbed, init_vit_weights, maybe_checkpoint,
+                     resample_pos_embed)
 from .pretrained import LoadReport, load_into, load_state
 from .routing import GROUPS, MASKINGS, Routing, TokenLayout, output_names
 
@@ -92,24 +92,16 @@ class ZorroViT(nn.Module):
 
     # -- inputs ------------------------------------------------------------------------------------------
     def embed_audio(self, audio: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        if audio is None:  # zero input, as the paper does for a missing modality
-            spec = self.audio_pos.new_zeros(batch, 1, self.audio_grid[0] * self.audio_embed.patch_size,
-                                            self.audio_grid[1] * self.audio_embed.patch_size)
-        else:
-            spec = self.audio_frontend(audio)
-            spec = spec[..., : spec.shape[-1] // self.audio_embed.patch_size * self.audio_embed.patch_size]
-            spec = zero_absent(spec, present)
+        p = self.audio_embed.patch_size  # a missing modality is a zero input, as in the paper
+        spec = spectrogram_or_zeros(self.audio_frontend, audio, present, batch=batch, like=self.audio_pos, multiple=p,
+                                    shape=(1, self.audio_grid[0] * p, self.audio_grid[1] * p))
         grid = self.audio_embed.grid(*spec.shape[-2:])
         return self.audio_embed(spec) + resample_pos_embed(self.audio_pos, self.audio_grid, grid)
 
     def embed_video(self, video: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        if video is None:
-            T, h, w = self.video_grid
-            p = self.video_embed.patch_size
-            frames = self.video_pos.new_zeros(batch, T, 3, h * p, w * p)
-        else:
-            frames = self.video_frontend(video)
-            frames = zero_absent(frames, present)
+        (T, h, w), p = self.video_grid, self.video_embed.patch_size
+        frames = frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.video_pos,
+                                 shape=(T, 3, h * p, w * p))
         B, T = frames.shape[:2]
         grid = (T, *self.video_embed.grid(*frames.shape[-2:]))
         tokens = self.video_embed(frames.flatten(0, 1)).reshape(B, -1, self.video_pos.shape[-1])
@@ -139,10 +131,7 @@ class ZorroViT(nn.Module):
         for i, block in enumerate(self.blocks):
             if fusion is not None and i == self.fusion_level and i > 0:  # appendix C: fusion joins at layer k
                 x, layout = _concat({**_split(x, layout), "fusion": fusion})
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, layout, self.routing, use_reentrant=False)
-            else:
-                x = block(x, layout, self.routing)
+            x = maybe_checkpoint(block, x, layout, self.routing, enabled=self.grad_checkpointing and self.training)
         return self.decoder(self.norm(x, layout), layout)
 
     def no_weight_decay(self) -> set[str]:
