@@ -27,3 +27,46 @@ def test_reports_are_written(tmp_path):
     (image,) = write_retrieval_reports(tmp_path / "retrieval", z, z, stage="test")
     rows = (tmp_path / "retrieval" / "retrieval_recall.csv").read_text().splitlines()
     assert rows[1] == "1,1.0000,1.0000" and image.exists()  # identical embeddings: perfect recall
+
+
+def _job(root, name, masking, metrics, settings=None):
+    import json
+
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(f"- masking={masking}\n- debug=tiny\n")
+    (job / "metrics.json").write_text(json.dumps({**metrics, **({"eval_settings": settings} if settings else {})}))
+
+
+def test_sweep_report_reads_each_modality_from_its_own_head(tmp_path):
+    """The paper's Table 3 reading: V from the video head, A from the audio head (the joint heads lean on the
+    zeroed modality, and averaging them in made every masking print the same V column)."""
+    from zorro.report import write_report
+
+    def metrics(v_own, a_own, v_avg, a_avg, av):
+        return {"test/video/video/top1": v_own, "test/audio/audio/top1": a_own, "test/video/avg/top1": v_avg,
+                "test/audio/avg/top1": a_avg, "test/audio_video/avg/top1": av, "test/audio_video/video/top1": 0.5}
+
+    _job(tmp_path, "0_zorro", "zorro", metrics(1.0, 1.0, 0.25, 0.25, 1.0),
+         {"zero_input": "normalised", "unimodal_eval": "zeros", "dropped_stream": "none"})
+    _job(tmp_path, "1_input_level", "input_level", metrics(0.25, 0.9, 0.25, 0.25, 1.0),
+         {"zero_input": "normalised", "unimodal_eval": "zeros", "dropped_stream": "none"})
+    own = write_report(tmp_path)
+    assert "| zorro | 100.0 | 100.0 | 100.0 |" in own and "| input_level | 25.0 | 90.0 | 100.0 |" in own
+    assert "V = video head, A = audio head" in own and "normalised model input" in own
+    assert (tmp_path / "report.md").read_text().strip() == own.strip()
+    avg = write_report(tmp_path, reading="avg")  # the all-heads average stays available, named as such
+    assert "| zorro | 25.0 | 25.0 | 100.0 |" in avg and "all heads averaged" in avg
+
+
+def test_sweep_report_prefers_the_linear_probe_and_falls_back_without_own_heads(tmp_path):
+    from zorro.report import write_report
+
+    _job(tmp_path, "0_zorro", "zorro", {"probe/video/video/mAP": 0.2, "probe/audio/audio/mAP": 0.3,
+                                        "probe/audio_video/avg/mAP": 0.4, "val/score": 0.1})
+    _job(tmp_path, "1_cav", "cav", {"probe/video/avg/mAP": 0.1, "probe/audio/avg/mAP": 0.15,
+                                    "probe/audio_video/avg/mAP": 0.2})
+    table = write_report(tmp_path)
+    assert table.splitlines()[0] == "| masking | V mAP | A mAP | A+V mAP |"
+    assert "| zorro | 20.0 | 30.0 | 40.0 |" in table and "| cav | 10.0 | 15.0 | 20.0 |" in table
+    assert "linear probe" in table

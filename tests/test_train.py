@@ -22,17 +22,13 @@ MASKINGS = ["zorro", "two_streams", "input_level", "bottleneck"]
 @pytest.mark.parametrize("masking", MASKINGS)
 def test_fast_dev_run_every_masking_and_task(masking, task, tmp_path):
     overrides = ["debug=tiny", "trainer.fast_dev_run=true", f"masking={masking}", f"task={task}"]
-    if masking == "two_streams" and task == "contrastive":
-        overrides.append("task.loss=eq2")  # eq. 3 needs the fusion output
-    train(compose_cfg(overrides=overrides, output_dir=tmp_path))
+    train(compose_cfg(overrides=overrides, output_dir=tmp_path))  # task.loss=auto: eq. 2 where eq. 3 cannot run
 
 
 @pytest.mark.parametrize("task", ["supervised", "contrastive"])
 @pytest.mark.parametrize("model", ["zorro_swin_tiny", "zorro_hip_tiny", "mbt_tiny", "cav_mae_tiny"])
 def test_fast_dev_run_every_backbone_and_task(model, task, tmp_path):
     overrides = ["debug=tiny", "trainer.fast_dev_run=true", f"model={model}", f"task={task}"]
-    if task == "contrastive" and model in ("mbt_tiny", "cav_mae_tiny"):
-        overrides.append("task.loss=eq2")  # no fusion output for eq. 3
     train(compose_cfg(overrides=overrides, output_dir=tmp_path))
 
 
@@ -52,7 +48,9 @@ def test_train_then_evaluate_reproduces_the_validation_metric(tmp_path):
     assert metrics["val/score"] == pytest.approx(best_score, abs=1e-6)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert (tmp_path / "eval" / "reports" / "test").exists() is False  # validation split: no test reports
-    assert {"val/audio_video/avg/top1", "val/audio/avg/top1", "val/video/avg/top1"} <= set(saved)
+    # zorro's unimodal settings score the isolated own heads with the other stream dropped (unimodal_eval=auto)
+    assert {"val/audio_video/avg/top1", "val/audio/audio/top1", "val/video/video/top1"} <= set(saved)
+    assert "val/audio/avg/top1" not in saved and saved["eval_settings"]["dropped_stream"] == "audio,video"
 
 
 def test_kill_and_resume_continues_the_same_run(tmp_path):
@@ -104,10 +102,29 @@ def test_masking_sweep_multirun(tmp_path):
         assert (tmp_path / job / "reports" / "test" / "confusion_matrix.png").exists()
     assert "sweep report" in proc.stdout and "| masking | V top1 | A top1 | A+V top1 |" in proc.stdout  # one command
     report = run_script("-m", "zorro.report", tmp_path).stdout  # the Table 3 layout, again from the directory
-    lines = report.strip().splitlines()
+    table, captions = report.strip().split("\n\n")
+    lines = table.splitlines()
     assert lines[0] == "| masking | V top1 | A top1 | A+V top1 |" and len(lines) == 2 + 4
     assert {line.split("|")[1].strip() for line in lines[2:]} == set(MASKINGS)
+    # the choices behind the columns are named: own heads, zeroing at the normalised input, the dropped stream
+    assert "V = video head, A = audio head" in captions and "normalised model input" in captions
+    assert "present stream run alone" in captions  # zorro / two_streams: the fast exact path
     assert (tmp_path / "report.csv").exists()
+
+
+def test_self_supervised_table3_is_one_sweep(tmp_path):
+    """Table 3's self-supervised half in one command: eq. 3 for zorro, eq. 2 for the ablations (task.loss=auto),
+    then a linear probe on each frozen backbone; the sweep prints the probe's V / A / A+V table."""
+    proc = run_script(ROOT / "train.py", "-m", "masking=zorro,two_streams,input_level,bottleneck", "debug=tiny",
+                      "task=contrastive", "linear_probe=true", "probe.epochs=3", "trainer.max_epochs=1",
+                      "data.num_train=16", "data.num_val=16", "data.num_test=16", "test=false",
+                      f"hydra.sweep.dir={tmp_path}", "logger=none")
+    jobs = sorted(p for p in tmp_path.iterdir() if (p / "metrics.json").exists())
+    assert len(jobs) == 4, proc.stdout[-2000:]
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert {"probe/video/video/top1", "probe/audio/audio/top1", "probe/audio_video/avg/top1"} <= set(metrics)
+    assert "| masking | V top1 | A top1 | A+V top1 |" in proc.stdout and "linear probe on frozen features" in proc.stdout
 
 
 def test_wandb_offline_run(tmp_path):

@@ -19,23 +19,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .tasks import EVAL_INPUTS, modality_flags
+from .tasks import EVAL_INPUTS
+from .tasks.base import model_inputs
 from .tasks.metrics import ClipPredictions, classification_scores
 
 log = logging.getLogger("zorro")
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, inputs=EVAL_INPUTS) -> dict:
+def extract_features(backbone, loader, inputs=EVAL_INPUTS, zero_input: str = "normalised") -> dict:
     """{"features": {inputs: {output: N x D}}, "labels": N (x C), "keys": [N]} for every sample of a loader."""
     backbone.eval()
     feats = {i: {} for i in inputs}
     labels, keys = [], []
     for batch in loader:
         for setting in inputs:
-            has_audio, has_video = modality_flags(batch, setting)
-            out = backbone(audio=batch.get("audio"), video=batch.get("video"), has_audio=has_audio,
-                           has_video=has_video)
+            out = backbone(**model_inputs(batch, setting, zero_input))
             for name, value in out.items():
                 feats[setting].setdefault(name, []).append(value.float())
         labels.append(batch["label"])
@@ -68,9 +67,9 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, multi_la
 
 
 def linear_probe(backbone, train_loader, test_loader, *, num_classes: int, multi_label: bool,
-                 out_dir: Path | None = None, **train_kwargs) -> dict[str, float]:
+                 out_dir: Path | None = None, zero_input: str = "normalised", **train_kwargs) -> dict[str, float]:
     train = extract_features(backbone, train_loader, inputs=("audio_video",))
-    test = extract_features(backbone, test_loader)
+    test = extract_features(backbone, test_loader, zero_input=zero_input)
     if out_dir is not None:
         (out_dir / "features").mkdir(parents=True, exist_ok=True)
         torch.save(train, out_dir / "features" / "train.pt")

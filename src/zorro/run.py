@@ -92,14 +92,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("train", True):
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = _scalars(trainer.callback_metrics)
+    settings = task.eval_settings() if hasattr(task, "eval_settings") else None
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("test", True) and datamodule.has_split("test") and not trainer.fast_dev_run:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
         metrics.update(_scalars(trainer.callback_metrics))
-        _report(metrics, "test")
+        _report(metrics, "test", settings)
     out = Path(cfg.paths.output_dir) if cfg.get("paths") else None
+    if cfg.get("linear_probe") and not trainer.fast_dev_run:
+        # Table 3's self-supervised columns: linear classifiers on the frozen backbone of the best checkpoint
+        if best:
+            task.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        split = "test" if datamodule.has_split("test") else "val"
+        probe_metrics, settings = run_probe(cfg.probe, datamodule, task.backbone, split,
+                                            out / "probe" if out is not None else None)
+        metrics.update(probe_metrics)
     if out is not None and out.is_dir():
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        saved = {**metrics, **({"eval_settings": settings} if settings else {})}
+        (out / "metrics.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
         log.info("run directory: %s", out)
     if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
         log.info("best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
@@ -116,8 +126,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.get("data") or {}).items() if v is not None}
     run.data = OmegaConf.merge(run.data, overrides)
     run.trainer = cfg.trainer
-    if "eval_inputs" in run.task:
-        run.task.eval_inputs = list(cfg.eval_inputs)
+    if "eval_inputs" in run.task:  # supervised checkpoints: how the V / A / A+V settings are evaluated
+        with open_dict(run):
+            run.task.eval_inputs = list(cfg.eval_inputs)
+            for key in ("unimodal_eval", "zero_input"):
+                if cfg.get(key) is not None:
+                    run.task[key] = cfg[key]
     run.logger, run.callbacks = None, None
     run.pretrained = run.init_from = None  # the checkpoint's weights replace any initialisation (no file reads)
     with open_dict(run):
@@ -131,30 +145,41 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_eval = trainer.test if split == "test" else trainer.validate
     run_eval(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
     metrics = _scalars(trainer.callback_metrics)
-    _report(metrics, "test" if split == "test" else "val")
+    settings = task.eval_settings() if hasattr(task, "eval_settings") else None
+    _report(metrics, "test" if split == "test" else "val", settings)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    saved = {**metrics, **({"eval_settings": settings} if settings else {})}
+    (out / "metrics.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
     log.info("metrics written to %s", out / "metrics.json")
     return metrics
 
 
-def _linear_probe(cfg: DictConfig, run: DictConfig, ckpt: dict, split: str) -> dict[str, float]:
+def run_probe(probe_cfg: DictConfig, datamodule, backbone, split: str, out: Path | None):
+    """The linear-probe protocol on a frozen backbone: (probe/* metrics, the settings of its unimodal columns)."""
     from .probe import linear_probe
 
-    datamodule, task = build_task(run)
-    task.load_state_dict(ckpt["state_dict"])
     for stage in ("train", split):
         if not datamodule.has_split(stage):
             raise ValueError(f"the linear probe needs a {stage!r} split")
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     info = datamodule.info
-    metrics = linear_probe(task.backbone, datamodule.feature_dataloader("train"), datamodule.feature_dataloader(split),
-                           num_classes=info.num_classes, multi_label=info.multi_label, out_dir=out,
-                           **OmegaConf.to_container(cfg.probe))
-    _report(metrics, "probe")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    kwargs = OmegaConf.to_container(probe_cfg)
+    metrics = linear_probe(backbone, datamodule.feature_dataloader("train"), datamodule.feature_dataloader(split),
+                           num_classes=info.num_classes, multi_label=info.multi_label, out_dir=out, **kwargs)
+    settings = {"zero_input": kwargs.get("zero_input", "normalised"), "unimodal_eval": "zeros",
+                "dropped_stream": "none"}
+    _report(metrics, "probe", settings)
+    return metrics, settings
+
+
+def _linear_probe(cfg: DictConfig, run: DictConfig, ckpt: dict, split: str) -> dict[str, float]:
+    datamodule, task = build_task(run)
+    task.load_state_dict(ckpt["state_dict"])
+    out = Path(cfg.paths.output_dir)
+    metrics, settings = run_probe(cfg.probe, datamodule, task.backbone, split, out)
+    (out / "metrics.json").write_text(json.dumps({**metrics, "eval_settings": settings}, indent=2, sort_keys=True))
     log.info("linear-probe metrics and features written to %s", out)
     return metrics
 
@@ -181,10 +206,23 @@ def metric_table(metrics: dict[str, float], stage: str) -> str:
     return "\n".join(lines)
 
 
-def _report(metrics: dict[str, float], stage: str) -> None:
+def table3_line(metrics: dict[str, float], stage: str, settings: dict | None = None) -> str:
+    """The run's row of the paper's Table 3 (V / A / A+V, read as the paper reads them) and what it means."""
+    from .report import COLUMNS, caption, column_value, metric_name
+
+    metric = metric_name(metrics, stage)
+    if metric is None:
+        return ""
+    cells = [column_value(metrics, stage, inputs, "own", metric) for inputs, _ in COLUMNS]
+    row = "  ".join(f"{label} {'-' if v is None else f'{100 * v:.1f}'}" for (_, label), v in zip(COLUMNS, cells))
+    return f"Table 3 ({metric}, %): {row}\n  ({caption('own', settings, stage)})"
+
+
+def _report(metrics: dict[str, float], stage: str, settings: dict | None = None) -> None:
     table = metric_table(metrics, stage)
     if table:
         print(f"\n{stage} metrics (%), by output and input modalities:\n{table}\n", flush=True)
+        print(table3_line(metrics, stage, settings) + "\n", flush=True)
     recall = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{stage}/") and "_R@" in k}
     if recall:  # contrastive runs: retrieval between the audio and video embeddings
         print(f"\n{stage} retrieval (%): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in sorted(recall.items())),

@@ -47,4 +47,14 @@ def test_bad_tables_are_rejected():
 
 def test_output_names_follow_the_masking():
     assert output_names(Routing.from_masking("zorro")) == tuple(OUTPUTS)
-    assert output_names(Routing.from_masking("two_streams")) == ("audio", "video", "global")
+    # Table 3: "the same number of outputs for fairness, except for the Two Streams which has two outputs"
+    assert output_names(Routing.from_masking("two_streams")) == ("audio", "video")
+    assert output_names(Routing.from_masking("input_level")) == tuple(OUTPUTS)
+
+
+@pytest.mark.parametrize("masking,isolated", [("zorro", True), ("two_streams", True), ("input_level", False),
+                                              ("bottleneck", False)])
+def test_isolated_modalities(masking, isolated):
+    routing = Routing.from_masking(masking)
+    assert routing.isolated("audio") == routing.isolated("video") == isolated
+    assert not routing.isolated("fusion") or masking == "two_streams"

@@ -55,3 +55,36 @@ def test_training_step_uses_only_samples_with_both_modalities():
     assert set(losses) == {"audio_video", "audio_fusion", "video_fusion"}
     sum(losses.values()).backward()
     assert task.projectors["fusion"].net[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("masking,expected", [("zorro", "eq3"), ("two_streams", "eq2"), ("input_level", "eq2"),
+                                              ("bottleneck", "eq2")])
+def test_auto_loss_is_what_the_paper_ran_for_each_masking(masking, expected):
+    """Table 3's self-supervised half: Zorro with eq. 3, the ablations with eq. 2 (audio and video outputs), so
+    `-m masking=zorro,two_streams,input_level,bottleneck task=contrastive` is one sweep."""
+    task = make_task(masking=masking, loss="auto")
+    assert task.loss_name == expected
+    assert set(task.projectors) == ({"audio", "video", "fusion"} if expected == "eq3" else {"audio", "video"})
+
+
+def test_projector_batchnorm_statistics_come_from_valid_samples_only():
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    valid = torch.tensor([True, True, True, True, False, False])
+    zero_filled = x.clone()
+    zero_filled[~valid] = 1e3  # whatever a zero-filled sample's output is, it must not move the statistics
+    from zorro.tasks.contrastive import Projector
+
+    proj = Projector(in_dim=8, hidden_dim=16, out_dim=4).train()
+    reference = Projector(in_dim=8, hidden_dim=16, out_dim=4).train()
+    reference.load_state_dict(proj.state_dict())
+    out = proj(zero_filled, valid)
+    expected = reference(x[valid])
+    torch.testing.assert_close(out[valid], expected)
+    torch.testing.assert_close(proj.net[1].running_mean, reference.net[1].running_mean)
+    assert torch.isfinite(out).all()
+    for norm in ("layernorm", "none"):  # the choice is a config value; every option trains
+        p = Projector(in_dim=8, hidden_dim=16, out_dim=4, norm=norm)
+        assert p(x, valid).shape == (6, 4) and not any(isinstance(m, torch.nn.BatchNorm1d) for m in p.modules())
+    with pytest.raises(ValueError, match="projector_norm"):
+        Projector(in_dim=8, hidden_dim=16, out_dim=4, norm="groupnorm")

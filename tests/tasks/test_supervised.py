@@ -132,3 +132,76 @@ def test_a_single_clip_can_be_scored():
     clips.update(torch.tensor([[0.2, 0.8], [0.4, 0.6]]), torch.tensor([1, 1]), ["a", "a"])
     probs, labels = clips.compute()
     assert classification_scores(probs, labels, multi_label=False)["top1"] == 1.0
+
+
+def _eval_scores(task, batch, inputs):
+    """{head: probabilities} that one evaluation step records for an input setting."""
+    from zorro.tasks.metrics import ClipPredictions
+
+    clips = torch.nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in task.eval_inputs
+                                 for n in (*task.output_names, "avg")})
+    with torch.no_grad():
+        task._eval_step(batch, clips, "val")
+    return {k.split("-")[1]: c.probs[0] for k, c in clips.items() if k.startswith(f"{inputs}-") and c.update_called}
+
+
+@pytest.mark.parametrize("masking", ["zorro", "two_streams"])
+def test_dropped_stream_evaluation_equals_the_zero_filled_one(masking):
+    """unimodal_eval=auto runs the present stream alone for isolated own heads: the same scores as the paper's
+    zero-filled input, for a fraction of the tokens."""
+    torch.manual_seed(0)
+    fast = SupervisedTask(backbone=zorro_vit_tiny(masking=masking), dataset=DatasetInfo(num_classes=6, multi_label=False),
+                          optimizer=functools.partial(torch.optim.AdamW, lr=1e-3)).eval()
+    paper = SupervisedTask(backbone=zorro_vit_tiny(masking=masking), dataset=DatasetInfo(num_classes=6, multi_label=False),
+                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), unimodal_eval="zeros").eval()
+    paper.load_state_dict(fast.state_dict())
+    audio, video = inputs(batch=3)
+    batch = {"audio": audio, "video": video, "label": torch.tensor([0, 1, 2]), "key": ["a", "b", "c"]}
+    assert fast.eval_settings()["dropped_stream"] == "audio,video"
+    for modality in ("audio", "video"):
+        got, ref = _eval_scores(fast, batch, modality), _eval_scores(paper, batch, modality)
+        assert set(got) == {modality} and {modality, "avg"} <= set(ref)  # only the own head is scored
+        torch.testing.assert_close(got[modality], ref[modality], atol=1e-5, rtol=1e-4)
+    calls = []  # and it really ran without the other stream: the audio-only pass never embeds video
+    fast.backbone.embed_video = lambda *a, **k: calls.append(1)
+    fast.eval_inputs = ("audio",)
+    assert set(_eval_scores(fast, batch, "audio")) == {"audio"}
+    assert calls == []
+
+
+@pytest.mark.parametrize("masking", ["input_level", "bottleneck"])
+def test_entangled_maskings_keep_the_zero_filled_evaluation(masking):
+    task = SupervisedTask(backbone=zorro_vit_tiny(masking=masking), dataset=DatasetInfo(num_classes=6, multi_label=False),
+                          optimizer=functools.partial(torch.optim.AdamW, lr=1e-3)).eval()
+    audio, video = inputs(batch=2)
+    batch = {"audio": audio, "video": video, "label": torch.tensor([0, 1]), "key": ["a", "b"]}
+    assert task.eval_settings()["dropped_stream"] == "none"
+    assert set(_eval_scores(task, batch, "audio")) == {"audio", "video", "fusion", "global", "avg"}
+
+
+def test_zero_input_raw_feeds_silence_and_black_frames():
+    from zorro.tasks.base import model_inputs
+
+    audio, video = inputs(batch=2)
+    batch = {"audio": audio, "video": video}
+    raw = model_inputs(batch, "audio", "raw")
+    assert torch.equal(raw["audio"], audio) and raw["video"].dtype == video.dtype and not raw["video"].any()
+    assert raw["has_video"].all()  # black frames go through the front end like real ones
+    normalised = model_inputs(batch, "audio", "normalised")
+    assert torch.equal(normalised["video"], video) and not normalised["has_video"].any()  # zeroed after it
+    task = make_task(zero_input="raw").eval()
+    with torch.no_grad():  # the joint heads see a different input under the two choices
+        a, b = task(batch, "audio", "raw"), task(batch, "audio", "normalised")
+    assert not torch.allclose(a["global"], b["global"]) and torch.allclose(a["audio"], b["audio"], atol=1e-6)
+    with pytest.raises(ValueError, match="zero_input"):
+        make_task(zero_input="silence")
+
+
+def test_two_streams_has_two_heads_and_averages_them():
+    """Table 3: "the same number of outputs for fairness, except for the Two Streams which has two outputs"."""
+    task = SupervisedTask(backbone=zorro_vit_tiny(masking="two_streams"), dataset=DatasetInfo(num_classes=6, multi_label=False),
+                          optimizer=functools.partial(torch.optim.AdamW, lr=1e-3)).eval()
+    assert set(task.heads) == {"audio", "video"}
+    audio, video = inputs()
+    probs = task.predict_probs({"audio": audio, "video": video})
+    torch.testing.assert_close(probs["avg"], (probs["audio"] + probs["video"]) / 2)

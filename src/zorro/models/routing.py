@@ -40,6 +40,11 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "global": _ALL,
 }
 
+# Outputs a masking keeps when not all of OUTPUTS. Table 3: "keeping the same number of outputs for fairness,
+# except for the Two Streams which has two outputs": a `global` query reading both streams would be a learned
+# late-fusion head the paper's two-streams baseline does not have.
+MASKING_OUTPUTS: dict[str, tuple[str, ...]] = {"two_streams": ("audio", "video")}
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -106,6 +111,19 @@ class Routing:
     def has_fusion(self) -> bool:
         return "fusion" in self.reads
 
+    def isolated(self, group: str) -> bool:
+        """Whether `group`'s tokens depend on no other group, through any number of layers (the closure of
+        its reads is itself): zorro and two_streams isolate audio and video; bottleneck and input_level do not.
+        An isolated modality's own output is then exactly the same with or without the other modality."""
+        seen, todo = set(), [group]
+        while todo:
+            g = todo.pop()
+            if g in seen or g not in self.reads:
+                continue
+            seen.add(g)
+            todo += self.reads[g]
+        return seen <= {group}
+
     def attention_calls(self, layout: TokenLayout) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """[(query slice, key slice)] covering every token once, in sequence order.
 
@@ -135,6 +153,8 @@ class Routing:
 
 
 def output_names(routing: Routing, present: Sequence[str] = GROUPS) -> tuple[str, ...]:
-    """Outputs a backbone can produce: those whose read set has tokens (two_streams has no fusion output)."""
+    """Outputs a backbone produces: those whose read set has tokens, limited to MASKING_OUTPUTS[masking]
+    (two_streams: audio and video only)."""
     groups = [g for g in present if g in routing.reads]
-    return tuple(name for name, reads in OUTPUTS.items() if any(g in groups for g in reads))
+    kept = MASKING_OUTPUTS.get(routing.name, tuple(OUTPUTS))
+    return tuple(name for name, reads in OUTPUTS.items() if name in kept and any(g in groups for g in reads))

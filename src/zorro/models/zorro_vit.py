@@ -108,20 +108,30 @@ class ZorroViT(nn.Module):
         return tokens + resample_pos_embed(self.video_pos, self.video_grid, grid)
 
     # -- forward -----------------------------------------------------------------------------------------
+    @property
+    def isolated_outputs(self) -> tuple[str, ...]:
+        """The unimodal outputs that never read the other modality (zorro, two_streams): running the backbone
+        without the other modality (`drop_absent=True`) gives exactly the same value for them."""
+        return tuple(m for m in ("audio", "video") if m in self.output_names and self.routing.isolated(m))
+
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
-                has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None,
+                drop_absent: bool | None = None) -> dict[str, torch.Tensor]:
         """audio: B x S waveform (int16/float); video: B x T x 3 x H x W (uint8/float in [0, 255]).
 
         has_audio / has_video (B bool): per-sample presence; absent samples get a zero input.
+        drop_absent: leave a modality passed as None out of the sequence instead of zero-filling it
+            (default: the `missing_modality` setting).
         Returns {output name: B x dim}; outputs that read no tokens are omitted.
         """
         if audio is None and video is None:
             raise ValueError("ZorroViT needs at least one of audio / video")
         batch = (audio if audio is not None else video).shape[0]
+        drop = self.missing_modality == "drop" if drop_absent is None else drop_absent
         tokens: dict[str, torch.Tensor] = {}
-        if audio is not None or self.missing_modality == "zeros":
+        if audio is not None or not drop:
             tokens["audio"] = self.embed_audio(audio, has_audio, batch)
-        if video is not None or self.missing_modality == "zeros":
+        if video is not None or not drop:
             tokens["video"] = self.embed_video(video, has_video, batch)
         fusion = self.fusion_latents.expand(batch, -1, -1) if self.fusion_latents is not None else None
         if fusion is not None and self.fusion_level == 0:

@@ -13,6 +13,11 @@ from torch import nn
 
 # Evaluation input settings (Table 3: V / A / A+V): the other modality's input is zeroed, as in the paper.
 EVAL_INPUTS = ("audio_video", "audio", "video")
+# Where the missing modality is zeroed (section 4.3: "we zero out the missing modality"):
+#   normalised: the model input (normalised log-mel / frames) is zero, as the paper's pipeline feeds its
+#               models already-normalised inputs: the default;
+#   raw:        the raw signal is zero (silence / black frames), which then goes through the front end.
+ZERO_INPUTS = ("normalised", "raw")
 
 
 def modality_flags(batch: dict, inputs: str = "audio_video") -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +33,22 @@ def modality_flags(batch: dict, inputs: str = "audio_video") -> tuple[torch.Tens
     elif inputs == "video":
         has_audio = torch.zeros_like(has_audio)
     return has_audio.bool(), has_video.bool()
+
+
+def model_inputs(batch: dict, inputs: str = "audio_video", zero_input: str = "normalised") -> dict:
+    """The backbone's keyword arguments for an input setting: audio, video, has_audio, has_video."""
+    if zero_input not in ZERO_INPUTS:
+        raise ValueError(f"zero_input must be one of {ZERO_INPUTS}, got {zero_input!r}")
+    audio, video = batch.get("audio"), batch.get("video")
+    if zero_input == "raw" and inputs != "audio_video":
+        has_audio, has_video = modality_flags(batch)  # silence / black frames count as a present input
+        if inputs == "audio" and video is not None:
+            video = torch.zeros_like(video)
+        if inputs == "video" and audio is not None:
+            audio = torch.zeros_like(audio)
+    else:
+        has_audio, has_video = modality_flags(batch, inputs)
+    return {"audio": audio, "video": video, "has_audio": has_audio, "has_video": has_video}
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
@@ -67,10 +88,8 @@ class BaseTask(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
 
-    def forward(self, batch: dict, inputs: str = "audio_video") -> dict[str, torch.Tensor]:
-        has_audio, has_video = modality_flags(batch, inputs)
-        return self.backbone(audio=batch.get("audio"), video=batch.get("video"),
-                             has_audio=has_audio, has_video=has_video)
+    def forward(self, batch: dict, inputs: str = "audio_video", zero_input: str = "normalised") -> dict[str, torch.Tensor]:
+        return self.backbone(**model_inputs(batch, inputs, zero_input))
 
     def configure_optimizers(self):
         skip = set()

@@ -14,18 +14,54 @@ from .metrics import ClipPredictions
 
 # eq. 2: audio-video only; eq. 3: + audio-fusion + video-fusion (third projector for the fusion output).
 PAIRS = {"eq2": (("audio", "video"),), "eq3": (("audio", "video"), ("audio", "fusion"), ("video", "fusion"))}
+LOSSES = ("auto", *PAIRS)
+PROJECTOR_NORMS = ("batchnorm", "layernorm", "none")
+
+
+def choose_loss(loss: str, backbone: nn.Module) -> str:
+    """auto: what the paper ran for each row of Table 3's self-supervised half. Zorro trains with eq. 3 (its
+    fusion output gets its own terms); the ablations "are trained in a self-supervised way, where the audio and
+    the video outputs are used to compute the contrastive loss" (eq. 2): two streams (no fusion output) and the
+    entangled input-level / bottleneck maskings, which the paper reports as collapsing."""
+    if loss != "auto":
+        return loss
+    isolated = set(getattr(backbone, "isolated_outputs", ()))
+    routing = getattr(backbone, "routing", None)
+    if routing is not None and not hasattr(backbone, "isolated_outputs"):  # Zorro-Swin / HiP: zorro, two_streams
+        isolated = {m for m in ("audio", "video") if routing.isolated(m)}
+    return "eq3" if "fusion" in backbone.output_names and isolated >= {"audio", "video"} else "eq2"
 
 
 class Projector(nn.Module):
-    """MLP then L2 normalisation (appendix B). Hidden width is lost in our copies (choice: in the config)."""
+    """MLP then L2 normalisation (section 3.3: "a projector per output ... an MLP"; width and normalisation
+    are lost in our copies). norm (choice, default batchnorm as in SimCLR/MMV-style projectors): the hidden
+    layer's normalisation; batchnorm statistics come from the valid samples only (a zero-filled sample whose
+    modality is missing would otherwise shift them)."""
 
-    def __init__(self, *, in_dim: int, hidden_dim: int, out_dim: int):
+    def __init__(self, *, in_dim: int, hidden_dim: int, out_dim: int, norm: str = "batchnorm"):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        if norm not in PROJECTOR_NORMS:
+            raise ValueError(f"projector_norm must be one of {PROJECTOR_NORMS}, got {norm!r}")
+        norm_layer = {"batchnorm": lambda: nn.BatchNorm1d(hidden_dim), "layernorm": lambda: nn.LayerNorm(hidden_dim),
+                      "none": nn.Identity}[norm]()
+        # (Sequential keeps the checkpoint keys of earlier versions: net.0 / net.1 / net.3)
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), norm_layer, nn.ReLU(inplace=True),
                                  nn.Linear(hidden_dim, out_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(x), dim=-1)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        fc1, norm, relu, fc2 = self.net
+        h = fc1(x)
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and self.training and valid is not None \
+                and 2 <= int(valid.sum()) < len(valid):
+            # batch statistics (and running averages) from the valid rows; the others use the running averages
+            out = torch.empty_like(h)
+            out[valid] = norm(h[valid])
+            out[~valid] = F.batch_norm(h[~valid], norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                       training=False, eps=norm.eps)
+            h = out
+        else:
+            h = norm(h)
+        return F.normalize(fc2(relu(h)), dim=-1)
 
 
 def nce_loss(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float, normalizer: str = "joint") -> torch.Tensor:
@@ -57,12 +93,14 @@ class ContrastiveTask(BaseTask):
     averaging this gives exactly the gradient of the global-batch loss."""
 
     def __init__(self, *, backbone: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
-                 loss: str = "eq3", temperature: float = 0.05, normalizer: str = "joint",
-                 projector_hidden_dim: int = 2048, projector_dim: int = 512, dataset=None):
+                 loss: str = "auto", temperature: float = 0.05, normalizer: str = "joint",
+                 projector_hidden_dim: int = 2048, projector_dim: int = 512, projector_norm: str = "batchnorm",
+                 dataset=None):
         super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler)
-        if loss not in PAIRS:
-            raise ValueError(f"loss must be one of {sorted(PAIRS)}, got {loss!r}")
-        self.pairs = PAIRS[loss]
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.loss_name = choose_loss(loss, backbone)
+        self.pairs = PAIRS[self.loss_name]
         needed = {n for pair in self.pairs for n in pair}
         missing = needed - set(backbone.output_names)
         if missing:
@@ -70,7 +108,8 @@ class ContrastiveTask(BaseTask):
                              f"(it has {list(backbone.output_names)}); use loss=eq2")
         self.temperature, self.normalizer = temperature, normalizer
         self.projectors = nn.ModuleDict({
-            n: Projector(in_dim=backbone.output_dim, hidden_dim=projector_hidden_dim, out_dim=projector_dim)
+            n: Projector(in_dim=backbone.output_dim, hidden_dim=projector_hidden_dim, out_dim=projector_dim,
+                         norm=projector_norm)
             for n in sorted(needed)})
         # Evaluation embeddings, averaged over each clip's views and gathered across processes (uneven per-rank
         # counts are fine: torchmetrics concatenates its list states).
@@ -80,7 +119,8 @@ class ContrastiveTask(BaseTask):
         """Projected embeddings and the mask of samples with both modalities (pairs need both)."""
         outputs = self(batch)
         has_audio, has_video = modality_flags(batch)
-        return {n: p(outputs[n]) for n, p in self.projectors.items()}, has_audio & has_video
+        valid = has_audio & has_video
+        return {n: p(outputs[n], valid) for n, p in self.projectors.items()}, valid
 
     def _gather(self, x: torch.Tensor, sync_grads: bool) -> torch.Tensor:
         if self._trainer is None or self.trainer.world_size == 1:
