@@ -28,5 +28,5 @@ def test_two_process_evaluation_counts_every_clip_once(shard_checkpoint, demo_sh
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert single["test/num_clips"] == ddp["test/num_clips"] == test_clips
-    for key in ("test/audio_video/avg/top1", "test/audio/avg/top1", "test/video/avg/top1"):
+    for key in ("test/audio_video/avg/top1", "test/audio/audio/top1", "test/video/video/top1"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6)  # the same clips, the same averaged views
