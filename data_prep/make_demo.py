@@ -4,6 +4,9 @@
 
 Each clip shows a coloured blob (red or blue) moving over noise with distractor shapes and plays a tone (low or
 high) in noise: the 4 classes `{red,blue}_{low,high}` need both eyes and ears (A or V alone: at most 50%).
+With `--labels shared` (the Table-3 demo) audio and video carry the *same* label instead: 4 classes, each a
+colour and a pitch (`red_low`, `blue_mid`, `green_high`, `yellow_top`), so either modality alone can reach 100%
+and the question becomes whether a model keeps what each modality knows when the other one is missing.
 Mostly H.264/AAC mp4 (some at 44.1 / 16 kHz to exercise resampling), some VP9/Opus webm and MPEG-4/MP3 mkv,
 a few videos without an audio track, a few audio-only wav files (has_video=false; their label comes from the
 tone alone, so they are labelled with the tone and a colour taken in turn — an honest "unknowable" part).
@@ -23,18 +26,26 @@ from pathlib import Path
 import av
 import numpy as np
 
-COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 220)}
-PITCHES = {"low": 440.0, "high": 1760.0}
+COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 200, 40), "yellow": (220, 220, 40)}
+PITCHES = {"low": 440.0, "mid": 880.0, "high": 1760.0, "top": 3520.0}
 DISTRACTORS = [(40, 200, 40), (220, 220, 40), (200, 200, 200)]
+# --labels product: colour x pitch, half the label in each modality. shared: one label, in both modalities
+# (the distractors then are neither class colour: grey, purple, brown).
+LABELS = {
+    "product": {"classes": [(c, p) for c in ("red", "blue") for p in ("low", "high")], "distractors": DISTRACTORS},
+    "shared": {"classes": [("red", "low"), ("blue", "mid"), ("green", "high"), ("yellow", "top")],
+               "distractors": [(200, 200, 200), (150, 80, 200), (120, 80, 40)]},
+}
 
 
-def render_frames(rng: np.random.Generator, colour: str, seconds: float, fps: int, width: int, height: int):
+def render_frames(rng: np.random.Generator, colour: str, seconds: float, fps: int, width: int, height: int,
+                  distractors=DISTRACTORS):
     n = max(1, int(round(seconds * fps)))
     base = rng.integers(0, 90, size=(height, width, 3), dtype=np.uint8)
     r = max(4, min(width, height) // 7)
     pos = rng.uniform([r, r], [width - r, height - r])
     vel = rng.uniform(-2.5, 2.5, size=2) * (fps / 25)
-    distractor = DISTRACTORS[rng.integers(len(DISTRACTORS))]
+    distractor = distractors[rng.integers(len(distractors))]
     dpos = rng.uniform([r, r], [width - r, height - r])
     yy, xx = np.mgrid[0:height, 0:width]
     for _ in range(n):
@@ -119,12 +130,14 @@ NAMES = ["clip {i:03d}", "clip.{i:03d}.take", "clip_{i:03d}", "clíp-{i:03d} ün
 
 def make_demo(out: Path, *, num_clips: int = 48, seed: int = 0, seconds: float = 3.0, width: int = 128,
               height: int = 96, fps: int = 25, num_no_audio: int = 3, num_audio_only: int = 3,
-              broken: bool = True) -> Path:
+              broken: bool = True, labels: str = "product") -> Path:
     """Write the files and labels.csv into `out`; returns the path of labels.csv."""
+    if labels not in LABELS:
+        raise ValueError(f"labels must be one of {sorted(LABELS)}, got {labels!r}")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
-    classes = [(c, p) for c in COLOURS for p in PITCHES]
+    classes, distractors = LABELS[labels]["classes"], LABELS[labels]["distractors"]
     splits = ["train", "val", "test", "train", "train"]  # the k-th clip of each class: 60 / 20 / 20
     for i in range(num_clips):
         colour, pitch = classes[i % len(classes)]  # balanced classes; every split gets every class
@@ -136,7 +149,7 @@ def make_demo(out: Path, *, num_clips: int = 48, seed: int = 0, seconds: float =
         if i < num_no_audio:  # a video without a sound track: has_audio=false
             audio = None
         path = out / f"{name}{ext}"
-        write_video(path, render_frames(rng, colour, secs, fps, width, height), audio, fps=fps, width=width,
+        write_video(path, render_frames(rng, colour, secs, fps, width, height, distractors), audio, fps=fps, width=width,
                     height=height, sample_rate=sr, vcodec=vcodec, acodec=acodec)
         rows.append((path.name, f"{colour}_{pitch}", split))
     for j in range(num_audio_only):  # audio-only files (has_video=false), like ESC-50
@@ -149,8 +162,9 @@ def make_demo(out: Path, *, num_clips: int = 48, seed: int = 0, seconds: float =
         (out / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
         (out / "empty.mp4").write_bytes(b"")
         (out / "notes.mp4").write_text("this is not a video, just text with a video extension\n")
-        rows += [("truncated.mp4", "red_low", "train"), ("empty.mp4", "blue_high", "train"),
-                 ("notes.mp4", "red_high", "train"), ("does not exist.mp4", "blue_low", "train")]
+        names = [f"{c}_{p}" for c, p in classes]
+        rows += [(name, names[k % len(names)], "train") for k, name in
+                 enumerate(("truncated.mp4", "empty.mp4", "notes.mp4", "does not exist.mp4"))]
     labels = out / "labels.csv"
     with open(labels, "w", newline="") as f:
         w = csv.writer(f)
@@ -168,9 +182,11 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--height", type=int, default=96)
     p.add_argument("--no-broken", action="store_true", help="leave out the broken files")
+    p.add_argument("--labels", choices=sorted(LABELS), default="product",
+                   help="product: colour x pitch (A or V alone reach 50%%); shared: the same label in both (Table-3 demo)")
     args = p.parse_args()
     labels = make_demo(args.out, num_clips=args.num_clips, seed=args.seed, seconds=args.seconds, width=args.width,
-                       height=args.height, broken=not args.no_broken)
+                       height=args.height, broken=not args.no_broken, labels=args.labels)
     print(f"wrote {args.num_clips} clips and {labels}")
 
 

@@ -108,7 +108,7 @@ def test_masking_sweep_multirun(tmp_path):
     assert {line.split("|")[1].strip() for line in lines[2:]} == set(MASKINGS)
     # the choices behind the columns are named: own heads, zeroing at the normalised input, the dropped stream
     assert "V = video head, A = audio head" in captions and "normalised model input" in captions
-    assert "present stream run alone" in captions  # zorro / two_streams: the fast exact path
+    assert "computed with the other stream left out" in captions  # zorro / two_streams: the fast exact path
     assert (tmp_path / "report.csv").exists()
 
 

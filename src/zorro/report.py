@@ -68,7 +68,8 @@ def caption(reading: str, settings: dict | None, stage: str) -> str:
     dropped = settings.get("dropped_stream", "none")
     fast = ""
     if dropped not in ("none", ""):
-        fast = f"; {dropped}-only: the present stream run alone (exactly the zero-filled value of its own head)"
+        which = " and ".join({"audio": "A", "video": "V"}[d] for d in dropped.split(","))
+        fast = f"; {which} computed with the other stream left out (exactly the zero-filled value of the own head)"
         if reading != "own":
             fast += ", other heads not scored there (task.unimodal_eval=zeros scores them)"
     probe = "linear probe on frozen features; " if stage == "probe" else ""
@@ -139,8 +140,14 @@ def write_report(root: Path, *, stage: str = "auto", reading: str = "own", cv: s
     if reading not in READINGS:
         raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
     header, rows = build_table(jobs, stage, reading, cv)
-    captions = sorted({caption(reading, j["settings"], table_stage(j["metrics"], stage)) for j in jobs})
-    table = markdown(header, rows) + "\n\n" + "\n".join(f"Columns: {c}." for c in captions)
+    keys = [k for k in swept_keys(jobs) if k != cv]
+    captions: dict[str, list[str]] = {}  # caption -> the rows it applies to
+    for j in jobs:
+        label = ",".join(j["overrides"].get(k, "") for k in keys) or j["dir"].name
+        captions.setdefault(caption(reading, j["settings"], table_stage(j["metrics"], stage)), []).append(label)
+    lines = [f"Columns: {c}." if len(captions) == 1 else f"Columns ({', '.join(dict.fromkeys(rows_))}): {c}."
+             for c, rows_ in captions.items()]
+    table = markdown(header, rows) + "\n\n" + "\n".join(lines)
     (root / "report.md").write_text(table + "\n")
     with open(root / "report.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
