@@ -312,15 +312,15 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
         raise SystemExit(f"error: {out} holds a partitioned run (parts/); pass --part/--parts, --merge, or a new --out")
     if part is not None and (out / JOURNAL).exists():
         raise SystemExit(f"error: {out} holds a one-machine run; write the parts to a new --out")
-    tag = f"-{part.name}" if part else ""
-    for leftover in out.glob(f"*{tag}-[0-9][0-9][0-9][0-9][0-9][0-9].tar.tmp"):  # a shard interrupted by a kill
-        leftover.unlink()  # (its rows were never journalled); a part removes only its own
     settings = extra = None
     if part is not None:
         (out / PARTS_DIR).mkdir(exist_ok=True)
         settings = rows_settings(rows, options, splits, part.parts)
         extra = {"parts": part.parts, "rows_sha256": settings["rows_sha256"]}
     journal = Journal(part.file(out, "journal.jsonl") if part else out / JOURNAL, options, splits, extra)
+    tag = f"-{part.name}" if part else ""  # (after the journal's lock: never delete a running writer's shard)
+    for leftover in out.glob(f"*{tag}-[0-9][0-9][0-9][0-9][0-9][0-9].tar.tmp"):  # a shard interrupted by a kill
+        leftover.unlink()  # (its rows were never journalled); a part removes only its own
     lost = [s["name"] for s in journal.shards if not (out / s["name"]).exists()]
     if lost:  # someone deleted finished shards: their rows cannot be told apart from done ones
         raise SystemExit(f"error: {out} lacks shards its journal lists as finished ({', '.join(lost[:3])}); "
