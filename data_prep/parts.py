@@ -20,9 +20,11 @@ def part_manifests(out: Path) -> list[dict]:
     for f in files:
         try:
             m = json.loads(f.read_text())
-            m["part"]["index"], m["part"]["parts"], m["part"]["fingerprint"]  # noqa: B018 - a part manifest?
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise MergeError(f"{f} is not a data_prep part manifest ({type(e).__name__}: {e})") from None
+            ok = {"index", "parts", "fingerprint", "settings"} <= set(m["part"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise MergeError(f"{f} is not a data_prep part manifest; remove it or use a new --out")
         m["part"]["file"] = str(f)
         manifests.append(m)
     return manifests

@@ -34,6 +34,15 @@ def _last_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def executor_for(args: argparse.Namespace, folder: Path) -> submitit.AutoExecutor:
+    """The --slurm-* flags as submitit parameters (one array task per part; slurm_* ones are ignored locally)."""
+    executor = submitit.AutoExecutor(folder=folder, cluster="local" if args.slurm_local else "slurm")
+    executor.update_parameters(name="data_prep", timeout_min=args.slurm_time, cpus_per_task=args.slurm_cpus
+                               or args.workers, mem_gb=args.slurm_mem_gb, slurm_partition=args.slurm_partition,
+                               slurm_array_parallelism=args.slurm_array_parallelism)
+    return executor
+
+
 def submit(args: argparse.Namespace) -> dict:
     if args.slurm and args.slurm_local:
         raise CommandError("choose one of --slurm and --slurm-local")
@@ -53,13 +62,11 @@ def submit(args: argparse.Namespace) -> dict:
     except MergeError as e:
         raise CommandError(str(e)) from None
     todo = sorted(set(range(args.parts)) - {m["part"]["index"] for m in finished})
-    if todo:
+    if not todo:
+        print(f"all {args.parts} parts are finished with these settings; merging", flush=True)
+    else:
         folder = out / PARTS_DIR / "submitit"
-        executor = submitit.AutoExecutor(folder=folder, cluster="local" if args.slurm_local else "slurm")
-        executor.update_parameters(name="data_prep", timeout_min=args.slurm_time, cpus_per_task=args.slurm_cpus
-                                   or args.workers, mem_gb=args.slurm_mem_gb, slurm_partition=args.slurm_partition,
-                                   slurm_array_parallelism=args.slurm_array_parallelism)
-        jobs = executor.map_array(PartJob(), [args] * len(todo), todo)
+        jobs = executor_for(args, folder).map_array(PartJob(), [args] * len(todo), todo)
         print(f"submitted {len(todo)} of {args.parts} parts as job array {jobs[0].job_id.split('_')[0]} "
               f"(logs: {folder}); waiting for them to finish", flush=True)
         failed = []

@@ -1,6 +1,6 @@
 """data_prep on many machines: `--part K --parts N`, `--merge OUT`, and `--slurm-local` (submitit's local
 executor, the `--slurm` path on one machine) on real encoded clips."""
-import json
+import os
 import shutil
 
 import pytest
@@ -96,3 +96,26 @@ def test_bad_part_command_lines(demo_videos, demo_shards, tmp_path):
     shutil.copytree(demo_shards, tmp_path / "one")
     proc = prep(videos, labels, tmp_path / "one", "--part", "0", "--parts", "2", check=False)
     assert proc.returncode != 0 and "one-machine run" in proc.stderr
+
+
+def test_slurm_flags_become_one_job_array(tmp_path, monkeypatch):
+    """What --slurm submits, seen through a stand-in sbatch (no SLURM here): one array, one task per part."""
+    from data_prep.__main__ import parse_args
+    from data_prep.slurm import PartJob, executor_for
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "srun"):  # sbatch copies the script it is given and answers like SLURM does
+        (bin_dir / name).write_text(f'#!/bin/sh\nfor a in "$@"; do f=$a; done; cp "$f" {tmp_path}/job.sh\n'
+                                    'echo "Submitted batch job 4242"\n')
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    args = parse_args(["--videos", "v", "--labels", "l.csv", "--out", str(tmp_path), "--parts", "200", "--slurm",
+                       "--slurm-partition", "cpu", "--slurm-cpus", "8", "--slurm-mem-gb", "16", "--slurm-time", "120",
+                       "--slurm-array-parallelism", "50"])
+    assert args.workers == 8  # --workers follows --slurm-cpus
+    jobs = executor_for(args, tmp_path / "logs").map_array(PartJob(), [args] * 200, range(200))
+    assert len(jobs) == 200 and jobs[0].job_id == "4242_0"
+    script = (tmp_path / "job.sh").read_text()
+    for line in ("--array=0-199%50", "--cpus-per-task=8", "--mem=16GB", "--partition=cpu", "--time=120"):
+        assert f"#SBATCH {line}\n" in script, line
