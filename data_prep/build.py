@@ -6,13 +6,17 @@ Guarantees (docs/data_format.md):
 - resumable: a shard is written under a temporary name and renamed when complete, then recorded in an
   append-only journal; a restarted run keeps recorded shards and skips, deletes leftovers, and redoes the rest;
 - one bad file never stops the run: decoding runs in worker processes, and a crashed or hung decoder only
-  costs the rows it was working on, which are retried one by one in isolation.
+  costs the rows it was working on, which are retried one by one in isolation;
+- partitionable: `Part(K, N)` writes only rows [K*R/N, (K+1)*R/N) under part-tagged shard names, with its own
+  journal, manifest and skip report in `parts/` (keys, classes and duplicates still come from all rows, so the
+  merged parts hold exactly the samples of a one-machine run; data_prep/parts.py merges them).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import hashlib
 import io
 import json
 import os
@@ -29,6 +33,26 @@ import numpy as np
 from .labels import Row
 
 JOURNAL = ".data_prep_journal.jsonl"
+PARTS_DIR = "parts"  # a partitioned run's per-part journals, manifests and skip reports
+
+
+@dataclass(frozen=True)
+class Part:
+    """Part `index` of `parts`: a contiguous block of label rows, so the parts' shards sorted by name list the
+    samples in label-file order, as one machine writes them."""
+
+    index: int
+    parts: int
+
+    @property
+    def name(self) -> str:
+        return f"p{self.index:05d}of{self.parts:05d}"
+
+    def rows(self, n: int) -> range:
+        return range(self.index * n // self.parts, (self.index + 1) * n // self.parts)
+
+    def file(self, out: Path, what: str) -> Path:
+        return out / PARTS_DIR / f"{self.name}.{what}"
 
 
 @dataclass(frozen=True)
@@ -183,9 +207,9 @@ def run_tasks(tasks, *, workers: int, timeout: float, fn=encode_sample):
 class Journal:
     """Append-only record of finished shards and skipped rows: what a restarted run must not redo."""
 
-    def __init__(self, path: Path, options: Options, splits: set[str] | None = None):
+    def __init__(self, path: Path, options: Options, splits: set[str] | None = None, extra: dict | None = None):
         # The selected splits are part of the settings: journalled `split_not_selected` skips depend on them.
-        settings = dict(asdict(options), splits=sorted(splits) if splits else None)
+        settings = dict(asdict(options), splits=sorted(splits) if splits else None, **(extra or {}))
         self.path = path
         self.shards: list[dict] = []
         self.skipped: dict[int, dict] = {}
@@ -203,6 +227,15 @@ class Journal:
                 elif rec["type"] == "skip":
                     self.skipped[rec["row"]] = rec
         self.file = open(path, "a")
+        try:  # two processes appending to one journal (a part submitted twice) would interleave shards
+            import fcntl
+
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: another process is writing {path.parent} ({path.name}); "
+                             f"wait for it or stop it") from None
+        except (ImportError, OSError):  # no locks here (Windows, some network file systems): best effort
+            pass
         if not path.stat().st_size:
             self.append({"type": "options", "options": settings})
 
@@ -216,19 +249,20 @@ class Journal:
 
 
 class SplitWriter:
-    """Writes one split's shards in order: `{split}-{n:06d}.tar`, via a temporary file renamed when full."""
+    """Writes one split's shards in order: `{split}{tag}-{n:06d}.tar`, via a temporary file renamed when full.
+    `tag` is "" on one machine and `-pKKKKKofNNNNN` for a part, so parts never write the same name."""
 
-    def __init__(self, out: Path, split: str, journal: Journal, options: Options):
+    def __init__(self, out: Path, split: str, journal: Journal, options: Options, tag: str = ""):
         import webdataset as wds
 
         self._wds = wds
-        self.out, self.split, self.journal, self.options = out, split, journal, options
+        self.out, self.split, self.journal, self.options, self.tag = out, split, journal, options, tag
         self.index = sum(1 for s in journal.shards if s["split"] == split)
         self.tar = None
 
     def add(self, members: dict, row: int) -> None:
         if self.tar is None:
-            self.tmp = self.out / f"{self.split}-{self.index:06d}.tar.tmp"
+            self.tmp = self.out / f"{self.split}{self.tag}-{self.index:06d}.tar.tmp"
             self.stream = open(self.tmp, "wb")
             self.tar = self._wds.TarWriter(self.stream, mtime=0)  # fixed mtime: same input -> byte-identical shards
             self.rows, self.size = [], 0
@@ -245,7 +279,7 @@ class SplitWriter:
             return
         self.tar.close()
         self.stream.close()
-        name = f"{self.split}-{self.index:06d}.tar"
+        name = f"{self.split}{self.tag}-{self.index:06d}.tar"
         os.replace(self.tmp, self.out / name)
         self.journal.append({"type": "shard", "split": self.split, "name": name, "rows": self.rows,
                              "num_samples": len(self.rows)})
@@ -254,23 +288,51 @@ class SplitWriter:
         self.tar = None
 
 
+def rows_settings(rows: list[Row], options: Options, splits: set[str] | None, parts: int) -> dict:
+    """What a part's output depends on besides its index: the options, the selected splits, the number of parts
+    and every label row (a digest). Parts merge only when these agree."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.index, r.path, r.labels, r.split, r.fold, r.problem, r.source]).encode() + b"\n")
+    return {"options": asdict(options), "splits": sorted(splits) if splits else None, "parts": parts,
+            "rows": len(rows), "rows_sha256": h.hexdigest()}
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, workers: int = 1,
                  splits: set[str] | None = None, timeout: float = 600.0, stop_after_rows: int | None = None,
-                 progress: bool = True) -> dict:
-    """Write shards for `rows`; returns the manifest. `stop_after_rows` stops abruptly (tests of resume)."""
+                 progress: bool = True, part: Part | None = None) -> dict:
+    """Write shards for `rows` (only part `part`'s rows when given); returns the manifest (the part manifest for
+    a part). `stop_after_rows` stops abruptly (tests of resume)."""
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob("*.tar.tmp"):  # a shard interrupted by a kill: its rows were never journalled
-        leftover.unlink()
-    journal = Journal(out / JOURNAL, options, splits)
+    if part is None and (out / PARTS_DIR).is_dir() and any((out / PARTS_DIR).glob("p*of*.journal.jsonl")):
+        raise SystemExit(f"error: {out} holds a partitioned run (parts/); pass --part/--parts, --merge, or a new --out")
+    if part is not None and (out / JOURNAL).exists():
+        raise SystemExit(f"error: {out} holds a one-machine run; write the parts to a new --out")
+    settings = extra = None
+    if part is not None:
+        (out / PARTS_DIR).mkdir(exist_ok=True)
+        settings = rows_settings(rows, options, splits, part.parts)
+        extra = {"parts": part.parts, "rows_sha256": settings["rows_sha256"]}
+    journal = Journal(part.file(out, "journal.jsonl") if part else out / JOURNAL, options, splits, extra)
+    tag = f"-{part.name}" if part else ""  # (after the journal's lock: never delete a running writer's shard)
+    for leftover in out.glob(f"*{tag}-[0-9][0-9][0-9][0-9][0-9][0-9].tar.tmp"):  # a shard interrupted by a kill
+        leftover.unlink()  # (its rows were never journalled); a part removes only its own
     lost = [s["name"] for s in journal.shards if not (out / s["name"]).exists()]
     if lost:  # someone deleted finished shards: their rows cannot be told apart from done ones
         raise SystemExit(f"error: {out} lacks shards its journal lists as finished ({', '.join(lost[:3])}); "
                          f"use a new --out")
+    # Classes, keys and duplicates come from all rows, also for a part: its samples equal one machine's.
     classes = sorted({label for r in rows for label in r.labels})
     class_index = {c: i for i, c in enumerate(classes)}
     multi_label = any(len(r.labels) > 1 for r in rows)
     keys = assign_keys(rows)
     done = journal.done_rows()
+    mine = rows[part.rows(len(rows)).start:part.rows(len(rows)).stop] if part else rows
+    mine_index = {r.index for r in mine}
 
     def skip(row: Row, reason: str, message: str) -> None:
         rec = {"type": "skip", "row": row.index, "path": row.path or row.source, "reason": reason, "message": message}
@@ -283,7 +345,7 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
         if row.path is not None:
             first = row.path not in seen_paths
             seen_paths.add(row.path)
-        if row.index in done:
+        if row.index in done or row.index not in mine_index:
             continue
         if row.problem:
             skip(row, row.problem, "the label file gives no label for this row" if row.problem == "no_label"
@@ -302,15 +364,15 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
                           "abs_path": str(videos / row.path), "options": asdict(options)})
 
     writers: dict[str, SplitWriter] = {}
-    rows_by_index = {r.index: r for r in rows}
-    bar = _progress(total=len(rows), initial=len(rows) - len(tasks), enabled=progress)
+    rows_by_index = {r.index: r for r in mine}
+    bar = _progress(total=len(mine), initial=len(mine) - len(tasks), enabled=progress)
     for n, (task, result) in enumerate(run_tasks(tasks, workers=max(1, workers), timeout=timeout)):
         if stop_after_rows is not None and n >= stop_after_rows:
             os._exit(3)  # as abrupt as a kill: nothing is flushed or finalised
         if result[0] == "ok":
             split = task["split"]
             if split not in writers:
-                writers[split] = SplitWriter(out, split, journal, options)
+                writers[split] = SplitWriter(out, split, journal, options, tag)
             writers[split].add(result[1], task["row"])
         else:
             skip(rows_by_index[task["row"]], result[1], result[2])
@@ -318,35 +380,50 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
     bar.close()
     for writer in writers.values():
         writer.close()
-    return finish(out, rows, journal, classes, multi_label, options)
+    journal.file.close()
+    manifest = make_manifest(journal.shards, classes, multi_label, options)
+    skipped = sorted(journal.skipped.values(), key=lambda r: r["row"])
+    if part is None:
+        return write_outputs(out / "manifest.json", out / "skipped.csv", manifest, skipped, len(rows))
+    rng = part.rows(len(rows))
+    manifest["part"] = {"index": part.index, "parts": part.parts, "rows": [rng.start, rng.stop],
+                        "fingerprint": fingerprint(settings), "settings": settings}
+    return write_outputs(part.file(out, "manifest.json"), part.file(out, "skipped.csv"), manifest, skipped, len(mine))
 
 
-def finish(out: Path, rows: list[Row], journal: Journal, classes: list[str], multi_label: bool,
-           options: Options) -> dict:
+def make_manifest(shards: list[dict], classes: list[str], multi_label: bool, options: Options | dict) -> dict:
+    """manifest.json (docs/data_format.md) for shard records {split, name, num_samples}: shards sorted by name."""
+    opt = asdict(options) if isinstance(options, Options) else options
     splits: dict[str, dict] = {}
-    for shard in journal.shards:
+    for shard in shards:
         s = splits.setdefault(shard["split"], {"num_samples": 0, "shards": []})
         s["shards"].append({"name": shard["name"], "num_samples": shard["num_samples"]})
         s["num_samples"] += shard["num_samples"]
     for s in splits.values():
         s["shards"].sort(key=lambda x: x["name"])
-    manifest = {"format_version": 1, "classes": classes, "multi_label": multi_label, "fps": options.fps,
-                "sample_rate": options.sample_rate, "short_side": options.short_side,
-                "audio_format": options.audio_format, "max_seconds": options.max_seconds,
-                "splits": dict(sorted(splits.items()))}
-    written = sum(s["num_samples"] for s in splits.values())
-    skipped = sorted(journal.skipped.values(), key=lambda r: r["row"])
-    if written + len(skipped) != len(rows):  # every row is accounted for, or this is a bug
-        raise RuntimeError(f"rows in = {len(rows)} but written {written} + skipped {len(skipped)}")
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2))
+    return {"format_version": 1, "classes": classes, "multi_label": multi_label, "fps": opt["fps"],
+            "sample_rate": opt["sample_rate"], "short_side": opt["short_side"],
+            "audio_format": opt["audio_format"], "max_seconds": opt["max_seconds"],
+            "splits": dict(sorted(splits.items()))}
+
+
+SKIPPED_HEADER = ["row", "path", "reason", "message"]
+
+
+def write_outputs(manifest_path: Path, skipped_path: Path, manifest: dict, skipped: list[dict], rows: int) -> dict:
+    """Checks that every row is accounted for, writes the skip report, then the manifest (last: a folder with a
+    manifest is complete); returns the manifest with a `summary`."""
+    written = sum(s["num_samples"] for s in manifest["splits"].values())
+    if written + len(skipped) != rows:  # every row is accounted for, or this is a bug
+        raise RuntimeError(f"rows in = {rows} but written {written} + skipped {len(skipped)}")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["row", "path", "reason", "message"])
+    w.writerow(SKIPPED_HEADER)
     w.writerows([[r["row"], r["path"], r["reason"], r["message"]] for r in skipped])
-    _atomic_write(out / "skipped.csv", buf.getvalue())
+    _atomic_write(skipped_path, buf.getvalue())
+    _atomic_write(manifest_path, json.dumps(manifest, indent=2))
     reasons = Counter(r["reason"] for r in skipped)
-    manifest["summary"] = {"rows": len(rows), "written": written, "skipped": len(skipped), "reasons": dict(reasons)}
-    return manifest
+    return dict(manifest, summary={"rows": rows, "written": written, "skipped": len(skipped), "reasons": dict(reasons)})
 
 
 def _atomic_write(path: Path, text: str) -> None:

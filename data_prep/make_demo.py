@@ -182,11 +182,14 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--height", type=int, default=96)
     p.add_argument("--no-broken", action="store_true", help="leave out the broken files")
+    p.add_argument("--num-no-audio", type=int, default=3, help="the first N videos get no audio track")
+    p.add_argument("--num-audio-only", type=int, default=3, help="extra audio-only wav files")
     p.add_argument("--labels", choices=sorted(LABELS), default="product",
                    help="product: colour x pitch (A or V alone reach 50%%); shared: the same label in both (Table-3 demo)")
     args = p.parse_args()
     labels = make_demo(args.out, num_clips=args.num_clips, seed=args.seed, seconds=args.seconds, width=args.width,
-                       height=args.height, broken=not args.no_broken, labels=args.labels)
+                       height=args.height, broken=not args.no_broken, num_no_audio=args.num_no_audio,
+                       num_audio_only=args.num_audio_only, labels=args.labels)
     print(f"wrote {args.num_clips} clips and {labels}")
 
 

@@ -1,0 +1,52 @@
+"""One machine or one part: the label file -> rows -> build_shards; shared by the command line and the
+submitit array tasks (data_prep/slurm.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .build import Options, Part, build_shards
+from .labels import read_labels
+
+
+class CommandError(Exception):
+    """A one-line reason the command cannot run (exit code 2)."""
+
+
+def load_rows(args: argparse.Namespace) -> list:
+    for path, what in ((args.videos, "--videos"), (args.labels, "--labels")):
+        if not path.exists():
+            raise CommandError(f"{what} {path} does not exist")
+    try:
+        rows = read_labels(args.format, args.labels, args.videos, default_split=args.default_split,
+                           class_map=args.class_map, esc50_test_fold=args.esc50_test_fold)
+    except (ValueError, KeyError, IndexError) as e:
+        raise CommandError(f"cannot read {args.labels} as {args.format}: {e}") from None
+    if args.split_by_fold:
+        missing = [r.index for r in rows if r.fold is None]
+        if missing:
+            raise CommandError(f"--split-by-fold but {len(missing)} rows have no fold (first: row {missing[0]})")
+        for r in rows:
+            r.split = f"fold{r.fold}"
+    return rows
+
+
+def options_of(args: argparse.Namespace) -> Options:
+    return Options(fps=args.fps, short_side=args.short_side, sample_rate=args.sample_rate,
+                   audio_format=args.audio_format, max_seconds=args.max_seconds, min_seconds=args.min_seconds,
+                   require_audio=args.require_audio, require_video=args.require_video,
+                   jpeg_quality=args.jpeg_quality, shard_size_mb=args.shard_size_mb,
+                   max_samples_per_shard=args.max_samples_per_shard)
+
+
+def splits_of(args: argparse.Namespace) -> set[str] | None:
+    return set(args.splits.split(",")) if args.splits else None
+
+
+def run(args: argparse.Namespace) -> dict:
+    """One machine, or one part (--part K --parts N): returns the (part) manifest with its summary."""
+    rows = load_rows(args)
+    part = Part(args.part, args.parts) if args.part is not None else None
+    return build_shards(rows, videos=args.videos, out=args.out, options=options_of(args), workers=args.workers,
+                        splits=splits_of(args), timeout=args.timeout, stop_after_rows=args.stop_after_rows,
+                        progress=not args.quiet, part=part)
