@@ -15,6 +15,9 @@ class ConfigError(ValueError):
     pass
 
 
+# Keys a task reads from a group's config instead of passing them to its target.
+TASK_KEYS = {("optimizer", "lr_reference_batch")}  # BaseTask: LR scaling with the global batch
+
 _SCALARS = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
 
 
@@ -45,7 +48,7 @@ def check_node(node: DictConfig, path: str) -> None:
     except Exception:  # unresolvable annotations: check names only
         hints = {}
     for key in node:
-        if str(key).startswith("_"):
+        if str(key).startswith("_") or (path, key) in TASK_KEYS:
             continue
         if key not in params:
             close = difflib.get_close_matches(str(key), list(params), n=1)
