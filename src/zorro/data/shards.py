@@ -84,7 +84,7 @@ class ClipSampler:
         with sf.SoundFile(io.BytesIO(raw.get("flac") or raw.get("wav"))) as f:
             sr = f.samplerate
             if span is not None:
-                f.seek(min(int(span[0] * sr), f.frames))
+                f.seek(min(int(round(span[0] * sr)), f.frames))  # rounded as window_audio does
                 wav = f.read(int(round(span[1] * sr)), dtype="int16")
             else:
                 wav = f.read(dtype="int16")
