@@ -76,12 +76,12 @@ def check_node(node: DictConfig, path: str) -> None:
 
 
 def check_config(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
-    required = [str(k) for k in cfg if OmegaConf.is_interpolation(cfg, k)
-                and str(cfg._get_node(k)._value()).startswith(REQUIRED)]
+    unset = [str(k) for k in cfg if OmegaConf.is_interpolation(cfg, k)
+             and str(cfg._get_node(k)._value()).startswith(REQUIRED)]
     probe = cfg.copy()
-    for key in required:  # missing_keys resolves them: keep the resolver out of it
+    for key in unset:  # missing_keys resolves them: keep the resolver out of it
         probe[key] = None
-    missing = sorted(required + sorted(OmegaConf.missing_keys(probe)))
+    missing = sorted(unset + sorted(OmegaConf.missing_keys(probe)))
     if missing:
         raise ConfigError(f"missing value for {', '.join(missing)} (set it on the command line, e.g. {missing[0]}=...)")
     for path in ("model", "data", "task", "optimizer", "scheduler", "trainer"):
