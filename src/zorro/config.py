@@ -15,6 +15,22 @@ class ConfigError(ValueError):
     pass
 
 
+# A recipe's required top-level value: `init_from: ${required:init_from}`. (`???` cannot do it there: merging `???`
+# onto train.yaml's `init_from: null` keeps null.) check_config names it; the resolver fails if it is read unset.
+REQUIRED = "${required:"
+
+
+def _required(name: str):
+    raise ConfigError(f"missing value for {name}: this recipe needs it (set it on the command line, e.g. {name}=...)")
+
+
+if not OmegaConf.has_resolver("required"):
+    OmegaConf.register_new_resolver("required", _required)
+
+
+# Keys a task reads from a group's config instead of passing them to its target.
+TASK_KEYS = {("optimizer", "lr_reference_batch")}  # BaseTask: LR scaling with the global batch
+
 _SCALARS = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
 
 
@@ -45,7 +61,7 @@ def check_node(node: DictConfig, path: str) -> None:
     except Exception:  # unresolvable annotations: check names only
         hints = {}
     for key in node:
-        if str(key).startswith("_"):
+        if str(key).startswith("_") or (path, key) in TASK_KEYS:
             continue
         if key not in params:
             close = difflib.get_close_matches(str(key), list(params), n=1)
@@ -60,7 +76,12 @@ def check_node(node: DictConfig, path: str) -> None:
 
 
 def check_config(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    unset = [str(k) for k in cfg if OmegaConf.is_interpolation(cfg, k)
+             and str(cfg._get_node(k)._value()).startswith(REQUIRED)]
+    probe = cfg.copy()
+    for key in unset:  # missing_keys resolves them: keep the resolver out of it
+        probe[key] = None
+    missing = sorted(unset + sorted(OmegaConf.missing_keys(probe)))
     if missing:
         raise ConfigError(f"missing value for {', '.join(missing)} (set it on the command line, e.g. {missing[0]}=...)")
     for path in ("model", "data", "task", "optimizer", "scheduler", "trainer"):

@@ -154,6 +154,7 @@ def test_trainer_fit_skips_an_absent_split(tiny_shards, tmp_path, with_val):
 def test_config_instantiates_with_plain_values(tiny_shards):
     cfg = OmegaConf.load(ROOT / "conf/data/shards.yaml")
     cfg.num_frames, cfg.image_size, cfg.sample_rate, cfg.seed = 4, 32, SR, 0  # interpolations into model/seed
+    cfg.audio_seconds = 1.28
     module = instantiate(cfg, root=str(tiny_shards))
     assert module.info.class_names == ("cat", "dog", "bird") and module.has_split("test")
 

@@ -105,7 +105,8 @@ def test_shard_views_are_single_frames_with_the_clip_audio(demo_shards):
     """CAV-MAE's sampling on data_prep shards: one frame per view (1 FPS), every view with the clip's audio."""
     module = ShardDataModule(root=str(demo_shards), batch_size=4, num_workers=0, num_frames=1, frame_rate=1.0,
                              image_size=32, sample_rate=16000, eval_windows=2, eval_crops=1, audio_seconds=1.28,
-                             min_crop_scale=1.0, aspect_ratio=(1.0, 1.0), flip=False, color_prob=0.0)
+                             audio_align="clip_start", min_crop_scale=1.0, aspect_ratio=(1.0, 1.0), flip=False,
+                             color_prob=0.0)
     train_batch = next(iter(module.train_dataloader()))
     assert train_batch["video"].shape == (4, 1, 3, 32, 32) and train_batch["audio"].shape == (4, 20480)
     views = {}

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import decode_jpeg
 
 from .info import DatasetInfo
-from .transforms import (colour_augment, crop_resize, eval_crop_boxes, random_resized_box, window_audio,
-                         window_frame_indices, window_starts)
+from .transforms import (AUDIO_ALIGN, audio_span, colour_augment, crop_resize, eval_crop_boxes, random_resized_box,
+                         window_audio, window_frame_indices, window_starts)
 
 log = logging.getLogger(__name__)
 FRAME = re.compile(r"^f(\d+)\.jpg$")
@@ -48,16 +48,21 @@ class ClipSampler:
     def __init__(self, *, num_classes: int, multi_label: bool, num_frames: int, frame_rate: float, image_size: int,
                  sample_rate: int, train: bool, min_crop_scale: float, aspect_ratio: Sequence[float], flip: bool,
                  color_prob: float, windows: int, crops: int, modalities: Sequence[str],
-                 audio_seconds: float | None = None):
+                 audio_seconds: float | None = None, audio_align: str = "window_centre"):
         self.num_classes, self.multi_label = num_classes, multi_label
         self.num_frames, self.frame_rate, self.image_size, self.sample_rate = num_frames, frame_rate, image_size, sample_rate
         self.window = num_frames / frame_rate
         self.train, self.min_crop_scale, self.aspect_ratio = train, min_crop_scale, tuple(aspect_ratio)
         self.flip, self.color_prob, self.windows, self.crops = flip, color_prob, windows, crops
         self.modalities = set(modalities)
-        # None: each view's audio spans its frames' window (Zorro, MBT). A number: every view gets the clip's
-        # first `audio_seconds` (looped if shorter) whatever its frames (CAV-MAE: 10 s of audio, one frame).
-        self.audio_seconds = audio_seconds
+        # The audio of a view is `audio_seconds` long (None: the frames' window), placed by `audio_align`
+        # (audio_span): window_centre centres it on the frames' window (Zorro, MBT: the same span); clip_start gives
+        # every view the clip's first `audio_seconds` whatever its frames (CAV-MAE: 10 s of audio, one frame).
+        if audio_align not in AUDIO_ALIGN:
+            raise ValueError(f"audio_align must be one of {AUDIO_ALIGN}, got {audio_align!r}")
+        if audio_seconds is not None and audio_seconds <= 0:
+            raise ValueError(f"audio_seconds must be positive, got {audio_seconds}")
+        self.audio_seconds, self.audio_align = audio_seconds or self.window, audio_align
 
     def label(self, meta: dict) -> torch.Tensor:
         ids = meta.get("label_ids", [])
@@ -79,7 +84,7 @@ class ClipSampler:
         with sf.SoundFile(io.BytesIO(raw.get("flac") or raw.get("wav"))) as f:
             sr = f.samplerate
             if span is not None:
-                f.seek(min(int(span[0] * sr), f.frames))
+                f.seek(min(int(round(span[0] * sr)), f.frames))  # rounded as window_audio does
                 wav = f.read(int(round(span[1] * sr)), dtype="int16")
             else:
                 wav = f.read(dtype="int16")
@@ -102,14 +107,13 @@ class ClipSampler:
             starts = [rng.uniform(0, max(duration - self.window, 0.0))]
         else:
             starts = window_starts(duration, self.window, self.windows)
-        offset = 0.0  # time of the first sample of `audio`
-        audio_seconds = self.audio_seconds or self.window
-        if self.audio_seconds:
-            audio = self.audio(raw, meta, span=(0.0, audio_seconds))
-        elif len(starts) == 1 and starts[0] + self.window <= duration:
-            offset = starts[0]
-            audio = self.audio(raw, meta, span=(offset, self.window))
-        else:  # several windows, or a short clip to loop
+        offset, audio_seconds = 0.0, self.audio_seconds  # offset: time of the first sample of `audio`
+        spans = [audio_span(start, window=self.window, seconds=audio_seconds, duration=duration, align=self.audio_align)
+                 for start in starts]
+        if len(set(spans)) == 1 and 0.0 <= spans[0] and spans[0] + audio_seconds <= duration:
+            offset = spans[0]  # one span inside the clip: read only that (training reads 2.56 s of a 10 s clip)
+            audio = self.audio(raw, meta, span=(offset, audio_seconds))
+        else:  # several spans, or a short clip to loop
             audio = self.audio(raw, meta)
         n_audio = int(round(audio_seconds * self.sample_rate))
         for view_w, start in enumerate(starts):
@@ -122,7 +126,7 @@ class ClipSampler:
             else:
                 boxes = [None]  # no frames: spatial crops would be identical views
             wav = torch.zeros(n_audio, dtype=torch.int16) if audio is None else torch.from_numpy(
-                window_audio(audio, start=0.0 if self.audio_seconds else start - offset, seconds=audio_seconds,
+                window_audio(audio, start=spans[view_w] - offset, seconds=audio_seconds,
                              sample_rate=self.sample_rate).astype(np.int16))
             for view_c, box in enumerate(boxes):
                 if has_video:
@@ -284,7 +288,7 @@ class ShardDataModule(pl.LightningDataModule):
                  epoch_length: int | None = None, train_split: str = "train", val_split: str = "val",
                  test_split: str = "test", cv_fold: int | None = None,
                  modalities: Sequence[str] = ("audio", "video"), audio_seconds: float | None = None,
-                 pin_memory: bool = False, seed: int = 0):
+                 audio_align: str = "window_centre", pin_memory: bool = False, seed: int = 0):
         super().__init__()
         self.root = Path(root)
         self.manifest = read_manifest(root)
@@ -308,7 +312,7 @@ class ShardDataModule(pl.LightningDataModule):
         common = dict(num_classes=self.info.num_classes, multi_label=self.info.multi_label, num_frames=num_frames,
                       frame_rate=frame_rate, image_size=image_size, sample_rate=sample_rate,
                       min_crop_scale=min_crop_scale, aspect_ratio=aspect_ratio, flip=flip, color_prob=color_prob,
-                      modalities=modalities, audio_seconds=audio_seconds)
+                      modalities=modalities, audio_seconds=audio_seconds, audio_align=audio_align)
         self.samplers = {"train": ClipSampler(train=True, windows=1, crops=1, **common),
                          "eval": ClipSampler(train=False, windows=eval_windows, crops=eval_crops, **common),
                          "features": ClipSampler(train=False, windows=1, crops=1, **common)}  # linear probe

@@ -1,7 +1,8 @@
 """Per-clip sampling and augmentation, run in data-loader workers on one decoded clip.
 
-Windows (Zorro appendix B): `num_frames` frames at `frame_rate` (AudioSet: 8 at 3.125 FPS = 2.56 s) and the
-audio of exactly the same span; clips shorter than the window are looped (the paper loops ESC-50's 5 s clips).
+Windows (Zorro appendix B): `num_frames` frames at `frame_rate` (AudioSet: 8 at 3.125 FPS = 2.56 s) and audio of
+a configured length centred on them (by default the same span; `audio_span`); clips shorter than the window are
+looped (the paper loops ESC-50's 5 s clips to the pre-training length).
 Training: a random window, a random-resized crop shared by all frames of the clip, a horizontal flip and
 colour augmentation (brightness max_delta 32/255, hue max_delta 0.2, saturation and contrast). Evaluation:
 `windows` equally spaced windows x `crops` spatial crops per clip.
@@ -31,6 +32,27 @@ def window_audio(audio: np.ndarray, *, start: float, seconds: float, sample_rate
         return np.zeros(n, dtype=audio.dtype)
     idx = (offset + np.arange(n)) % audio.size
     return audio[idx]
+
+
+AUDIO_ALIGN = ("window_centre", "clip_start")
+
+
+def audio_span(start: float, *, window: float, seconds: float, duration: float, align: str = "window_centre") -> float:
+    """Start time of a view's `seconds` of audio, for frames spanning [start, start + window).
+
+    window_centre: the audio is centred on the frames' window (the same span when seconds == window, as in Zorro
+    and MBT), moved inside the clip when the clip is long enough; in a clip shorter than `seconds` it stays centred
+    and window_audio loops the clip around it, so the audio under the frames is still the frames' own.
+    clip_start: the clip's first `seconds` for every view (CAV-MAE: 10 s of audio with a one-frame view).
+    """
+    if align == "clip_start":
+        return 0.0
+    if align != "window_centre":
+        raise ValueError(f"audio_align must be one of {AUDIO_ALIGN}, got {align!r}")
+    begin = start + window / 2 - seconds / 2
+    if duration >= seconds:
+        begin = min(max(begin, 0.0), duration - seconds)
+    return round(begin, 6)
 
 
 def window_starts(duration: float, window: float, count: int) -> list[float]:

@@ -6,6 +6,8 @@ only decode and crop, and the checkpoint carries its own preprocessing constants
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torchaudio
 from torch import nn
@@ -16,6 +18,8 @@ AUDIO_MEAN, AUDIO_STD = -4.27, 4.57
 # Choice: the paper does not state the video normalisation; ImageNet statistics (as for ViT init).
 VIDEO_MEAN, VIDEO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
+
+log = logging.getLogger(__name__)
 
 WINDOWS = {"hann": torch.hann_window, "hamming": torch.hamming_window}  # Zorro: Hann; MBT: Hamming
 
@@ -52,11 +56,19 @@ class AudioFrontend(nn.Module):
         self.spec_augment = spec_augment
         self.num_masks, self.freq_mask, self.time_mask = num_masks, freq_mask, time_mask
         self.freq_jitter = freq_jitter  # max |shift| in mel bins; the paper's range is lost (choice)
+        # The configured input length: other lengths run (the backbone resamples its position table) but are
+        # logged once, so a data / model mismatch (data.audio_seconds vs model.audio_seconds) is never silent.
+        self.clip_samples, self._length_warned = round(clip_seconds * sample_rate), False
 
     def num_frames(self, num_samples: int) -> int:
         return num_samples // self.hop
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        if wav.shape[-1] != self.clip_samples and not self._length_warned:
+            self._length_warned = True
+            log.warning("audio input of %d samples (%.2f s) but the model is configured for %.2f s: its audio position "
+                        "table is interpolated; set data.audio_seconds to model.audio_seconds", wav.shape[-1],
+                        wav.shape[-1] / self.sample_rate, self.clip_samples / self.sample_rate)
         if wav.dtype == torch.int16:
             wav = wav.float() / 32768.0
         with torch.autocast(wav.device.type, enabled=False):  # the FFT wants fp32

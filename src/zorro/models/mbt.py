@@ -8,8 +8,8 @@ So cross-modal information passes only through the B bottleneck tokens.
     audio  [CLS_a | spectrogram patches] ── layers < L_f ──┬─ [.. | z] ─ audio layer ─┐
                                                            │          z = mean(z_a, z_v)
     video  [CLS_v | frame patches     ] ── layers < L_f ──┴─ [.. | z] ─ video layer ─┘
-    -> {"audio": CLS_a, "video": CLS_v}; the supervised task puts one linear head on each and averages the
-       predictions, which is MBT's "logits averaged over the CLS tokens".
+    -> {"audio": CLS_a, "video": CLS_v}; MBT passes both to the same linear classifier and averages the
+       pre-softmax logits: SupervisedTask(shared_head=True, combine="logits"), set by experiment=mbt_as500k.
 
 This differs from Zorro-ViT's `bottleneck` masking (routing.py), which keeps ONE set of weights and lets the
 fusion tokens read everything from the first layer on; both stay. `num_bottleneck=0` (or
@@ -60,6 +60,8 @@ class MBT(nn.Module):
         fusion_layer: L_f, the first layer that sees the bottleneck (paper: 8 of 12).
         sample_rate, n_mels, audio_seconds, window: MBT's audio is 16 kHz, 128-bin log-mel with a 25 ms
             Hamming window and 10 ms hop, t = 8 s in the best model.
+        freq_mask, time_mask, num_masks, freq_jitter: SpecAugment "as AST": one frequency mask of at most 48 mel
+            bins and one time mask of at most 192 frames; no frequency jitter (Zorro's augmentation, not MBT's).
         num_frames, image_size: 8 frames of 224^2 (16x16 patches: 8 x 14 x 14 = 1568 tokens).
         missing_modality: only "zeros" (the absent input is zeroed, as Zorro's evaluation does).
     """
@@ -68,6 +70,7 @@ class MBT(nn.Module):
                  patch_size: int = 16, qkv_bias: bool = True, num_bottleneck: int = 4, fusion_layer: int = 8,
                  drop_path_rate: float = 0.3, num_frames: int = 8, image_size: int = 224, sample_rate: int = 16_000,
                  n_mels: int = 128, audio_seconds: float = 8.0, window: str = "hamming", spec_augment: bool = True,
+                 freq_mask: int = 48, time_mask: int = 192, num_masks: int = 1, freq_jitter: int = 0,
                  grad_checkpointing: bool = False):
         super().__init__()
         if not 0 <= fusion_layer <= depth:
@@ -78,7 +81,8 @@ class MBT(nn.Module):
         self.output_names = ("audio", "video")
 
         self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
-                                            clip_seconds=audio_seconds, window=window)
+                                            clip_seconds=audio_seconds, window=window, freq_mask=freq_mask,
+                                            time_mask=time_mask, num_masks=num_masks, freq_jitter=freq_jitter)
         self.video_frontend = VideoFrontend()
         audio_frames = self.audio_frontend.num_frames(round(audio_seconds * sample_rate))
         audio_grid = (n_mels // patch_size, audio_frames // patch_size)
@@ -166,5 +170,5 @@ def mbt_base(**kwargs) -> MBT:
 def mbt_tiny(**kwargs) -> MBT:
     """A CPU-sized MBT for tests and demos (the inputs of zorro_vit_tiny)."""
     cfg = dict(dim=64, depth=4, num_heads=4, fusion_layer=2, drop_path_rate=0.0, num_frames=4, image_size=64,
-               sample_rate=16_000, n_mels=64, audio_seconds=1.28)
+               sample_rate=16_000, n_mels=64, audio_seconds=1.28, freq_mask=24, time_mask=24)
     return MBT(**{**cfg, **kwargs})

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import logging
 import math
 from typing import Callable
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # Evaluation input settings (Table 3: V / A / A+V): the other modality's input is zeroed, as in the paper.
 EVAL_INPUTS = ("audio_video", "audio", "video")
@@ -79,12 +83,39 @@ def param_groups(module: nn.Module, weight_decay: float, skip: set[str] = frozen
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def global_batch_size(trainer: pl.Trainer, per_device: int) -> int:
+    """Clips per optimiser step: per-device batch x devices x nodes (Lightning's world_size) x accumulation."""
+    return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def per_device_batch_size(datamodule) -> int:
+    """The data's per-device batch size (the mixed data: its sources', which share one)."""
+    if hasattr(datamodule, "batch_size"):
+        return int(datamodule.batch_size)
+    sizes = {int(m.batch_size) for m in getattr(datamodule, "modules", {}).values()}
+    if len(sizes) != 1:
+        raise ValueError("optimizer.lr_reference_batch needs the data's batch size; "
+                         f"{type(datamodule).__name__} has no batch_size")
+    return sizes.pop()
+
+
+def scaled_lr(lr: float, *, global_batch: int, reference_batch: int | None) -> float:
+    """The paper's learning-rate scaling with the batch: lr x global_batch / reference_batch (None: unscaled)."""
+    return lr if not reference_batch else lr * global_batch / reference_batch
+
+
 class BaseTask(pl.LightningModule):
     """Holds a backbone (any nn.Module returning {output name: B x D}) and the optimisation recipe."""
 
     def __init__(self, *, backbone: nn.Module, optimizer: Callable, scheduler: Callable | None = None):
         super().__init__()
         self.backbone = backbone
+        # optimizer.lr_reference_batch (not an optimiser argument): lr is the LR at that global batch and is
+        # scaled to the run's global batch in configure_optimizers
+        keywords = dict(getattr(optimizer, "keywords", None) or {})
+        self.lr_reference_batch = keywords.pop("lr_reference_batch", None)
+        if isinstance(optimizer, functools.partial):
+            optimizer = functools.partial(optimizer.func, *optimizer.args, **keywords)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
 
@@ -100,6 +131,10 @@ class BaseTask(pl.LightningModule):
         if self.device.type == "cuda" and "fused" not in keywords and \
                 "fused" in inspect.signature(getattr(self.optimizer_factory, "func", self.optimizer_factory)).parameters:
             extra["fused"] = True  # one kernel for the whole update (Adam/AdamW/SGD on CUDA)
+        if self.lr_reference_batch:
+            batch = global_batch_size(self.trainer, per_device_batch_size(self.trainer.datamodule))
+            extra["lr"] = scaled_lr(keywords["lr"], global_batch=batch, reference_batch=self.lr_reference_batch)
+            log.info("lr %g = %g x global batch %d / %d", extra["lr"], keywords["lr"], batch, self.lr_reference_batch)
         optimizer = self.optimizer_factory(param_groups(self, keywords.get("weight_decay", 0.0), skip), **extra)
         if self.scheduler_factory is None:
             return optimizer

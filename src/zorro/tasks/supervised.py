@@ -14,6 +14,7 @@ from .metrics import ClipPredictions, classification_scores
 
 # Which input a head depends on: its loss is skipped for samples that lack that modality (paper 4.4).
 HEAD_NEEDS = {"audio": "has_audio", "video": "has_video"}
+COMBINE = ("probs", "logits")  # how the heads' outputs become the clip's prediction "avg"
 # How the A-only / V-only settings are evaluated:
 #   zeros: every head on the input with the other modality zeroed (the paper's protocol);
 #   auto:  where the backbone's own head of the present modality never reads the other one (zorro,
@@ -33,8 +34,8 @@ class SupervisedTask(BaseTask):
 
     def __init__(self, *, backbone: nn.Module, dataset: DatasetInfo, optimizer: Callable,
                  scheduler: Callable | None = None, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
-                 modality_mixup: bool = False, eval_inputs: Sequence[str] = EVAL_INPUTS,
-                 unimodal_eval: str = "auto", zero_input: str = "normalised"):
+                 modality_mixup: bool = False, eval_inputs: Sequence[str] = EVAL_INPUTS, shared_head: bool = False,
+                 combine: str = "probs", unimodal_eval: str = "auto", zero_input: str = "normalised"):
         super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler)
         if not set(eval_inputs) <= set(EVAL_INPUTS):
             raise ValueError(f"eval_inputs must be a subset of {EVAL_INPUTS}, got {list(eval_inputs)}")
@@ -47,7 +48,14 @@ class SupervisedTask(BaseTask):
         self.label_smoothing, self.mixup_alpha, self.modality_mixup = label_smoothing, mixup_alpha, modality_mixup
         self.eval_inputs = tuple(eval_inputs)
         self.output_names = tuple(backbone.output_names)
-        self.heads = nn.ModuleDict({n: nn.Linear(backbone.output_dim, dataset.num_classes) for n in self.output_names})
+        # Zorro: one head per output, probabilities averaged. MBT: one linear layer shared by both CLS tokens
+        # (shared_head) and the pre-softmax logits averaged (combine=logits), which is then also what the loss sees.
+        if combine not in COMBINE:
+            raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
+        self.shared_head, self.combine = shared_head, combine
+        shared = nn.Linear(backbone.output_dim, dataset.num_classes) if shared_head else None
+        self.heads = nn.ModuleDict({n: shared or nn.Linear(backbone.output_dim, dataset.num_classes)
+                                    for n in self.output_names})
         # Evaluation averages the predictions of all views (windows x crops) of a clip, keyed by `key`.
         names = (*self.output_names, "avg")
         self.metric_name = "mAP" if dataset.multi_label else "top1"
@@ -91,6 +99,9 @@ class SupervisedTask(BaseTask):
         return mixed, lam * target + (1 - lam) * target[perm]
 
     def losses(self, outputs: dict, target: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        if self.combine == "logits":  # MBT: one loss on the averaged logits
+            logits = torch.stack([self.heads[n](outputs[n]) for n in self.output_names if n in outputs]).mean(0)
+            return {"avg": self.head_loss(logits, target).mean()}
         flags = dict(zip(("has_audio", "has_video"), modality_flags(batch)))
         losses = {}
         for name in self.output_names:
@@ -118,10 +129,15 @@ class SupervisedTask(BaseTask):
         return loss
 
     def predict_probs(self, batch: dict, inputs: str = "audio_video", outputs: dict | None = None) -> dict:
-        """{head: B x C probabilities} plus "avg", the paper's averaged prediction."""
+        """{head: B x C probabilities} plus "avg", the paper's averaged prediction (of the probabilities; or, with
+        combine=logits, the probabilities of the averaged logits)."""
         outputs = self(batch, inputs) if outputs is None else outputs
-        probs = {n: self.probabilities(self.heads[n](outputs[n])) for n in self.output_names if n in outputs}
-        probs["avg"] = torch.stack(list(probs.values())).mean(0)
+        logits = {n: self.heads[n](outputs[n]) for n in self.output_names if n in outputs}
+        probs = {n: self.probabilities(x) for n, x in logits.items()}
+        if self.combine == "logits":
+            probs["avg"] = self.probabilities(torch.stack(list(logits.values())).mean(0))
+        else:
+            probs["avg"] = torch.stack(list(probs.values())).mean(0)
         return probs
 
     def dropped_stream(self, inputs: str) -> bool:
