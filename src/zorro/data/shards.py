@@ -9,6 +9,7 @@ batches per epoch on every rank (DDP needs that), looping over a slot's samples 
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 import json
@@ -22,10 +23,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 
+from .device import EncodedFrames, collate
 from .info import DatasetInfo
-from .transforms import (colour_augment, crop_resize, eval_crop_boxes, random_resized_box, window_audio,
+from .transforms import (View, augment, colour_params, eval_crop_boxes, random_resized_box, window_audio,
                          window_frame_indices, window_starts)
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class ClipSampler:
         # None: each view's audio spans its frames' window (Zorro, MBT). A number: every view gets the clip's
         # first `audio_seconds` (looped if shorter) whatever its frames (CAV-MAE: 10 s of audio, one frame).
         self.audio_seconds = audio_seconds
+        self.encoded = False  # True: views carry JPEG bytes + augmentation for the device (zorro.data.device)
 
     def label(self, meta: dict) -> torch.Tensor:
         ids = meta.get("label_ids", [])
@@ -116,33 +119,49 @@ class ClipSampler:
             if has_video:
                 idx = window_frame_indices(start=start, num_frames=self.num_frames, frame_rate=self.frame_rate,
                                            stored_fps=float(meta["fps"]), num_stored=len(frames))
-                clip = torch.stack([decode_jpeg(torch.frombuffer(bytearray(raw[frames[i][1]]), dtype=torch.uint8))
-                                    for i in idx])
-                boxes = self._boxes(clip, rng)
+                jpegs = [raw[frames[i][1]] for i in idx]
+                if self.encoded:  # the device decodes; the box only needs the frame size, from the JPEG header
+                    width, height = _jpeg_size(jpegs[0])
+                else:
+                    clip = torch.stack([decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8),
+                                                    mode=ImageReadMode.RGB) for j in jpegs])
+                    height, width = clip.shape[-2:]
+                views = self._views(height, width, rng)
             else:
-                boxes = [None]  # no frames: spatial crops would be identical views
+                jpegs, views = [], [None]  # no frames: spatial crops would be identical views
             wav = torch.zeros(n_audio, dtype=torch.int16) if audio is None else torch.from_numpy(
                 window_audio(audio, start=0.0 if self.audio_seconds else start - offset, seconds=audio_seconds,
                              sample_rate=self.sample_rate).astype(np.int16))
-            for view_c, box in enumerate(boxes):
-                if has_video:
-                    video = crop_resize(clip, box, self.image_size)
-                    if self.train:
-                        if self.flip and rng.random() < 0.5:
-                            video = video.flip(-1)
-                        if rng.random() < self.color_prob:
-                            video = colour_augment(video, rng)
+            for view_c, view in enumerate(views):
+                sample = {"audio": wav, "label": label, "has_video": torch.tensor(has_video),
+                          "has_audio": torch.tensor(audio is not None), "key": key,
+                          "view": torch.tensor(view_w * len(views) + view_c)}
+                if self.encoded:
+                    sample["frames"] = EncodedFrames([jpegs], [view], size=self.image_size, num_frames=self.num_frames)
+                elif has_video:
+                    sample["video"] = augment(clip, view, self.image_size)
                 else:
-                    video = torch.zeros(self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
-                yield {"video": video, "audio": wav, "label": label, "has_video": torch.tensor(has_video),
-                       "has_audio": torch.tensor(audio is not None), "key": key,
-                       "view": torch.tensor(view_w * len(boxes) + view_c)}
+                    sample["video"] = torch.zeros(self.num_frames, 3, self.image_size, self.image_size,
+                                                  dtype=torch.uint8)
+                yield sample
 
-    def _boxes(self, clip: torch.Tensor, rng: random.Random):
-        h, w = clip.shape[-2:]
-        if self.train:
-            return [random_resized_box(h, w, scale=(self.min_crop_scale, 1.0), ratio=self.aspect_ratio, rng=rng)]
-        return eval_crop_boxes(h, w, self.crops)
+    def _views(self, height: int, width: int, rng: random.Random) -> list[View]:
+        """The views of one window: crop boxes, then per box (training only) flip and colour, in this order of
+        draws from `rng` on either path."""
+        if not self.train:
+            return [View(box) for box in eval_crop_boxes(height, width, self.crops)]
+        box = random_resized_box(height, width, scale=(self.min_crop_scale, 1.0), ratio=self.aspect_ratio, rng=rng)
+        flip = self.flip and rng.random() < 0.5
+        colour = colour_params(rng) if rng.random() < self.color_prob else None
+        return [View(box, flip, colour)]
+
+
+def _jpeg_size(jpeg: bytes) -> tuple[int, int]:
+    """(width, height) from the JPEG header alone."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as image:
+        return image.size
 
 
 def assign_shards(counts: Sequence[int], slots: int) -> list[list[int]]:
@@ -284,8 +303,11 @@ class ShardDataModule(pl.LightningDataModule):
                  epoch_length: int | None = None, train_split: str = "train", val_split: str = "val",
                  test_split: str = "test", cv_fold: int | None = None,
                  modalities: Sequence[str] = ("audio", "video"), audio_seconds: float | None = None,
-                 pin_memory: bool = False, seed: int = 0):
+                 pin_memory: bool = False, decode_on_device: bool | str = "auto", seed: int = 0):
         super().__init__()
+        if decode_on_device not in ("auto", True, False):
+            raise ValueError(f"decode_on_device must be auto, true or false, got {decode_on_device!r}")
+        self.decode_on_device = decode_on_device
         self.root = Path(root)
         self.manifest = read_manifest(root)
         self.info = DatasetInfo(num_classes=len(self.manifest["classes"]), multi_label=bool(self.manifest["multi_label"]),
@@ -333,7 +355,7 @@ class ShardDataModule(pl.LightningDataModule):
         counts = [s["num_samples"] for s in self._shards(stage)]
         rank, world = self._rank_world()
         if stage != "train":
-            return ShardStream(shards=shards, counts=counts, sampler=self.samplers["eval"], train=False, seed=self.seed,
+            return ShardStream(shards=shards, counts=counts, sampler=self._sampler("eval"), train=False, seed=self.seed,
                                rank=rank, world=world)
         workers = max(1, self.num_workers)
         slots = workers * world
@@ -341,7 +363,7 @@ class ShardDataModule(pl.LightningDataModule):
         if self.epoch_length:  # a fixed epoch length (shorter, or longer with repeats)
             per_slot = self.epoch_length // slots
         per_slot = max(per_slot // self.batch_size, 1) * self.batch_size  # whole batches, equal everywhere
-        stream = ShardStream(shards=shards, counts=counts, sampler=self.samplers["train"], train=True,
+        stream = ShardStream(shards=shards, counts=counts, sampler=self._sampler("train"), train=True,
                            samples_per_slot=per_slot, length=per_slot * workers, shuffle_buffer=self.shuffle_buffer,
                            seed=self.seed, rank=rank, world=world, batch_size=self.batch_size)
         if self._resume:  # continue the checkpoint's epoch where it stopped (see ShardStream._loop), or the next
@@ -350,6 +372,20 @@ class ShardDataModule(pl.LightningDataModule):
             stream.epoch, stream.resume = (epoch + 1, None) if finished else (epoch, self._resume)
             self._resume = None
         return stream
+
+    def frames_on_device(self) -> bool:
+        """data.decode_on_device: `auto` decodes the frames on the device when the trainer runs on CUDA (nvJPEG);
+        outside a trainer (tests, benchmarks, the linear probe) and on CPU the workers decode them."""
+        if self.decode_on_device == "auto":
+            from lightning.pytorch.accelerators import CUDAAccelerator
+
+            return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        return bool(self.decode_on_device)
+
+    def _sampler(self, name: str) -> ClipSampler:
+        sampler = copy.copy(self.samplers[name])
+        sampler.encoded = self.frames_on_device()
+        return sampler
 
     # Lightning saves these in checkpoints and restores them before it builds the loaders.
     def state_dict(self) -> dict:
@@ -369,13 +405,17 @@ class ShardDataModule(pl.LightningDataModule):
             self._streams[stage] = self.stream(stage)
         return DataLoader(self._streams[stage], batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
-                          drop_last=stage == "train")
+                          drop_last=stage == "train", collate_fn=collate)
 
     def feature_dataloader(self, stage: str):
         """Deterministic loader for frozen-feature extraction (linear probe): the train split as one central,
         unaugmented view per clip; other splits with their evaluation views."""
         if stage != "train":
-            return self._loader(stage)
+            if not self.has_split(stage):
+                return []
+            stream = self.stream(stage)
+            stream.sampler.encoded = False  # the probe runs the backbone outside Lightning: decode in the workers
+            return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
         sampler = self.samplers["features"]
         rank, world = self._rank_world()
         stream = ShardStream(shards=[str(self.root / s["name"]) for s in self._shards("train")],

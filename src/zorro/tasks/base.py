@@ -11,6 +11,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from ..data.device import decode_on_device
+
 # Evaluation input settings (Table 3: V / A / A+V): the other modality's input is zeroed, as in the paper.
 EVAL_INPUTS = ("audio_video", "audio", "video")
 
@@ -71,6 +73,10 @@ class BaseTask(pl.LightningModule):
         has_audio, has_video = modality_flags(batch, inputs)
         return self.backbone(audio=batch.get("audio"), video=batch.get("video"),
                              has_audio=has_audio, has_video=has_video)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # data.decode_on_device: the frames arrive JPEG-encoded and are decoded and augmented here, on the device
+        return decode_on_device(batch, self.device)
 
     def configure_optimizers(self):
         skip = set()
