@@ -126,7 +126,7 @@ def apply_colour(videos: torch.Tensor, orders: list[tuple[int, ...] | None], fac
                 x = _colour_op(op, x, f[:, op])
             elif sel:
                 idx = torch.tensor(sel).to(videos.device, non_blocking=True)
-                x = x.index_copy(0, idx, _colour_op(op, x.index_select(0, idx), f.index_select(0, idx)[:, op]))
+                x.index_copy_(0, idx, _colour_op(op, x.index_select(0, idx), f.index_select(0, idx)[:, op]))
     out = (x.clamp(0, 1) * 255).round().to(torch.uint8)
     return out if whole else videos.index_copy(0, index, out)
 
