@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from zorro.data.device import collate, decode_on_device
-from zorro.data.shards import ShardDataModule, _jpeg_size
+from zorro.data.shards import ShardDataModule, _jpeg_size, tar_samples
 from zorro.data.transforms import apply_colour, crop_flip, crop_resize, random_resized_box, window_frame_indices
 
 NUM_FRAMES, FRAME_RATE, IMAGE, SR = 8, 3.125, 224, 48_000
@@ -92,18 +92,16 @@ def base_module(shards: Path, **kw) -> ShardDataModule:
 def stage_costs(shards: Path, clips: int, batch: int) -> tuple[dict, dict]:
     """ms of this thread's CPU per training clip, by stage, for (frames decoded in the worker, on the device).
     Runs the same functions as ClipSampler, one stage at a time, on one thread like a loader worker."""
-    import webdataset as wds
-
     module = base_module(shards)
     sampler = module.samplers["train"]
-    urls = [{"url": str(shards / s["name"])} for s in module._shards("train")]
+    urls = [str(shards / s["name"]) for s in module._shards("train")]
     cpu, dev = defaultdict(float), defaultdict(float)
     clock = time.thread_time
     rng, n, views, encoded = random.Random(0), 0, [], []
     enc_sampler = copy.copy(sampler)
     enc_sampler.encoded = True
     while n < clips:
-        stream = iter(wds.tariterators.tarfile_samples(urls))
+        stream = tar_samples(urls)
         while n < clips:
             t0 = clock()
             raw = next(stream, None)
@@ -258,11 +256,11 @@ def main() -> None:
     decode_on_device(batch, "cpu")  # warm-up
     times = []
     for _ in range(3):
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU time: this machine's cores are shared
         out = decode_on_device(batch, "cpu")
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     ms = 1e3 * min(times)
-    print(f"\ndevice side on this CPU ({threads} threads): decode + crop/resize/flip/colour of a batch of "
+    print(f"\ndevice side on this CPU ({threads} threads, CPU time): decode + crop/resize/flip/colour of a batch of "
           f"{out['video'].shape[0]}: {ms:.0f} ms ({ms / out['video'].shape[0]:.1f} ms per clip); on a GPU: "
           f"benchmarks/gpu.sh")
     print(f"worker CPU per training clip: {x:.1f} ms (frames decoded on the device), "

@@ -2,7 +2,9 @@
 On CPU both paths decode with libjpeg, so the same seed must give the same pixels."""
 
 import functools
+import io
 import random
+import tarfile
 
 import lightning.pytorch as pl
 import pytest
@@ -11,7 +13,7 @@ import torchvision.transforms.v2.functional as TF
 
 import zorro.data.device as device_module
 from zorro.data.device import EncodedFrames, decode_on_device
-from zorro.data.shards import ShardDataModule
+from zorro.data.shards import ShardDataModule, tar_samples
 from zorro.data.transforms import _colour_op, apply_colour, colour_params
 from zorro.models import zorro_vit_tiny
 from zorro.tasks import SupervisedTask
@@ -134,3 +136,32 @@ def test_train_py_fast_dev_run_with_frames_decoded_on_the_device(demo_shards, tm
     run_script(ROOT / "train.py", "model=zorro_vit_tiny", "data=shards", f"data.root={demo_shards}",
                "data.decode_on_device=true", "data.num_workers=2", "data.batch_size=2", "trainer.fast_dev_run=true",
                "logger=none", f"hydra.run.dir={tmp_path}")
+
+
+def test_tar_samples_reads_what_webdataset_reads(demo_shards, tiny_shards, tmp_path):
+    import webdataset as wds
+
+    for url in [*sorted(demo_shards.glob("*.tar")), *sorted(tiny_shards.glob("*.tar"))]:
+        assert list(tar_samples([str(url)])) == list(wds.tariterators.tarfile_samples([{"url": str(url)}]))
+    members = {"a/" + "d" * 120 + "/clip1.f000.JPG": b"x" * 700, "a/" + "d" * 120 + "/clip1.json": b"{}",
+               "clip2.flac": b"y", "__meta__": b"", "clíp3.json": b"[]"}  # long names, upper case, non-ASCII
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt, encoding="utf-8") as tar:
+            for name, data in members.items():
+                if fmt == tarfile.USTAR_FORMAT and not name.isascii():
+                    continue
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        ours = list(tar_samples([str(path)]))
+        assert ours == list(wds.tariterators.tarfile_samples([{"url": str(path)}])) and len(ours) >= 2, fmt
+        assert ours[0]["f000.jpg"] == b"x" * 700
+    data = (tmp_path / f"{tarfile.PAX_FORMAT}.tar").read_bytes()
+    for cut in (1500, 1536 + 300):  # in a header, in a member's data
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="truncated tar"):
+            list(tar_samples([str(tmp_path / "cut.tar")]))
+    (tmp_path / "bad.tar").write_bytes(data[:100] + b"?" + data[101:])
+    with pytest.raises(ValueError, match="corrupt tar header"):
+        list(tar_samples([str(tmp_path / "bad.tar")]))

@@ -9,6 +9,7 @@ the model still receives `video` B x T x 3 x H x W uint8.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -54,11 +55,13 @@ def decode_views(frames: EncodedFrames, device: torch.device | str) -> torch.Ten
     # same bytes object, also after the worker -> main process pickle, which keeps shared references).
     slot: dict[int, int] = {}
     data = []
-    for clip in frames.jpegs:
-        for jpeg in clip:
-            if id(jpeg) not in slot:
-                slot[id(jpeg)] = len(data)
-                data.append(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
+    with warnings.catch_warnings():  # decode_jpeg only reads the (immutable) bytes: no copy needed
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        for clip in frames.jpegs:
+            for jpeg in clip:
+                if id(jpeg) not in slot:
+                    slot[id(jpeg)] = len(data)
+                    data.append(torch.frombuffer(jpeg, dtype=torch.uint8))
     decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
     s, t = frames.size, frames.num_frames
     out = torch.zeros(len(frames), t, 3, s, s, dtype=torch.uint8, device=device)
@@ -68,7 +71,12 @@ def decode_views(frames: EncodedFrames, device: torch.device | str) -> torch.Ten
     orders = [v.colour[0] if v is not None and v.colour is not None and clip else None
               for v, clip in zip(frames.views, frames.jpegs)]
     factors = torch.tensor([v.colour[1] if o is not None else (0.0,) * 4 for v, o in zip(frames.views, orders)])
-    return apply_colour(out, orders, factors.to(device, non_blocking=True))
+    factors = factors.to(device, non_blocking=True)
+    # CUDA: the whole batch at once (few launches); CPU: clip by clip, which stays in cache (2x faster here)
+    step = len(frames) if out.is_cuda else 1
+    for i in range(0, len(frames), step):
+        out[i : i + step] = apply_colour(out[i : i + step], orders[i : i + step], factors[i : i + step])
+    return out
 
 
 def decode_on_device(batch, device: torch.device | str):

@@ -17,7 +17,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -216,15 +216,13 @@ class ShardStream(IterableDataset):
         return self.length
 
     def _raw(self, slot: int, slots: int, order_rng: random.Random):
-        import webdataset as wds
-
         mine, keep = assign_shards(self.counts, slots)[slot], None
         if len(self.shards) < slots:  # fewer shards than slots: everyone reads all, keeps every slots-th sample
             mine, keep = list(range(len(self.shards))), slot
         if self.train:  # a new shard order every epoch (the same in every slot); the shuffle buffer mixes further
             order_rng.shuffle(mine)
         n = 0
-        for sample in wds.tariterators.tarfile_samples([{"url": self.shards[i]} for i in mine]):
+        for sample in tar_samples(self.shards[i] for i in mine):
             if keep is None or n % slots == keep:
                 yield sample
             n += 1
@@ -278,6 +276,67 @@ class ShardStream(IterableDataset):
                 yield sample
             if not produced and not (skip and rep == 0):
                 raise RuntimeError(f"slot {slot}/{slots} found no readable samples in {len(self.shards)} shards")
+
+
+def tar_samples(urls: Iterable[str]) -> Iterator[dict]:
+    """The samples of WebDataset tars, as webdataset's tarfile_samples gives them ({"__key__", "__url__",
+    extension: bytes}), opened with its gopen (paths, pipe:, http(s)), read ~5x faster: Python's tarfile in
+    stream mode costs ~40 us per member, ~2 ms of a worker's CPU per clip of 60 frames, more than everything
+    else a worker does when the frames decode on the device. ustar, GNU long names and pax headers."""
+    import webdataset as wds
+
+    for url in urls:
+        with wds.gopen(url, "rb") as stream:
+            yield from _tar_samples(stream, url)
+
+
+def _tar_samples(stream, url: str) -> Iterator[dict]:
+    from webdataset.tariterators import base_plus_ext
+
+    sample, long_name, pax = None, None, {}
+    while True:
+        header = stream.read(512)
+        if not header or header.count(0) == 512:
+            break  # end of archive (zero blocks; a stream may omit them)
+        if len(header) < 512:
+            raise ValueError(f"{url}: truncated tar (a header of {len(header)} bytes)")
+        checksum, unsigned = int(header[148:156].strip(b"\0 ") or b"0", 8), sum(header) - sum(header[148:156]) + 256
+        if checksum != unsigned and checksum != unsigned - 256 * sum(b > 127 for b in header):  # some write signed
+            raise ValueError(f"{url}: corrupt tar header after sample {sample and sample['__key__']!r}")
+        size = int(pax["size"]) if "size" in pax else int(header[124:136].strip(b"\0 ") or b"0", 8)
+        data = stream.read(size)
+        if len(data) < size:
+            raise ValueError(f"{url}: truncated tar (a member of {size} bytes has {len(data)})")
+        stream.read(-size % 512)
+        kind = header[156:157]
+        if kind in (b"x", b"g"):  # pax records "LEN key=value\n" for the next member (g: global, ignored)
+            if kind == b"x":
+                pax = dict(r.split(b" ", 1)[1].decode().split("=", 1) for r in data.split(b"\n") if r)
+            continue
+        if kind == b"L":  # GNU long name of the next member
+            long_name = data.rstrip(b"\0").decode()
+            continue
+        name = pax.get("path") or long_name
+        if name is None:
+            name = header[:100].split(b"\0", 1)[0].decode()
+            if header[257:263] == b"ustar\0" and header[345]:  # POSIX ustar: a directory prefix
+                name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+        long_name, pax = None, {}
+        if kind not in (b"0", b"\0") or re.match(r"__[^/]*__($|/)", name):
+            continue  # directories, links; webdataset's metadata members
+        key, ext = base_plus_ext(name)  # as webdataset: the key is the name up to the basename's first dot
+        if key is None:
+            continue
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        ext = ext.lower()
+        if ext in sample:
+            raise ValueError(f"{url}: {name} appears twice in sample {key!r}")
+        sample[ext] = data
+    if sample is not None:
+        yield sample
 
 
 def _shuffled(stream, size: int, rng: random.Random):
