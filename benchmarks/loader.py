@@ -129,7 +129,7 @@ def stage_costs(shards: Path, clips: int, batch: int) -> tuple[dict, dict]:
             t6 = clock()
             for stages in (cpu, dev):
                 stages["tar read + JSON"] += t1 - t0
-                stages["FLAC window decode"] += t2 - t1
+                stages["audio window decode"] += t2 - t1
             dev["JPEG header + view parameters"] += t3 - t2
             cpu["JPEG decode (8 frames)"] += t4 - t3
             cpu["crop/resize + flip"] += t5 - t4
@@ -191,6 +191,7 @@ def main() -> None:
                    choices=["prep", "throughput", "worker"])
     p.add_argument("--worker-clips", type=int, default=96, help="training clips per worker-cost measurement")
     p.add_argument("--batch", type=int, default=32, help="loader batch size in the worker section")
+    p.add_argument("--shards", type=Path, default=None, help="worker section: these shards instead of DIR/shards")
     args = p.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="zorro-loader-bench-"))
     videos, labels = root / "videos", root / "videos" / "labels.csv"
@@ -235,12 +236,14 @@ def main() -> None:
 
     if "worker" not in args.sections:
         return
+    shards = args.shards or shards
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what a DataLoader worker runs with
     (cpu, dev), encoded, (width, height) = stage_costs(shards, args.worker_clips, args.batch)
+    audio = json.loads((shards / "manifest.json").read_text())["audio_format"].upper()
     print(f"\none loader worker, CPU ms per training clip ({NUM_FRAMES} frames of {width}x{height} "
           f"JPEG -> {IMAGE}^2, random-resized crop 0.3-1 + flip + colour p=0.8, {NUM_FRAMES / FRAME_RATE:.2f} s of "
-          f"{SR // 1000} kHz FLAC; {args.worker_clips} clips):")
+          f"{SR // 1000} kHz {audio}; {args.worker_clips} clips):")
     print(f"  {'stage':<34} {'frames decoded in the worker':>29} {'on the device':>14}")
     for name in dict.fromkeys([*cpu, *dev]):
         a, b = (f"{s[name]:.2f}" if name in s else "-" for s in (cpu, dev))

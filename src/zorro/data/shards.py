@@ -322,7 +322,7 @@ def _tar_samples(stream, url: str) -> Iterator[dict]:
             if header[257:263] == b"ustar\0" and header[345]:  # POSIX ustar: a directory prefix
                 name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
         long_name, pax = None, {}
-        if kind not in (b"0", b"\0") or re.match(r"__[^/]*__($|/)", name):
+        if kind not in (b"0", b"\0") or ("__" in name and re.match(r"__[^/]*__($|/)", name)):
             continue  # directories, links; webdataset's metadata members
         key, ext = base_plus_ext(name)  # as webdataset: the key is the name up to the basename's first dot
         if key is None:

@@ -31,6 +31,8 @@ def window_audio(audio: np.ndarray, *, start: float, seconds: float, sample_rate
     n, offset = int(round(seconds * sample_rate)), int(round(start * sample_rate))
     if audio.size == 0:
         return np.zeros(n, dtype=audio.dtype)
+    if 0 <= offset and offset + n <= audio.size:
+        return audio[offset : offset + n]  # the usual case; indexing 123k samples costs a worker ~2 ms per clip
     idx = (offset + np.arange(n)) % audio.size
     return audio[idx]
 
