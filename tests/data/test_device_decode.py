@@ -134,7 +134,7 @@ def test_the_model_receives_decoded_frames_from_the_hook(demo_shards):
 
 def test_train_py_fast_dev_run_with_frames_decoded_on_the_device(demo_shards, tmp_path):
     run_script(ROOT / "train.py", "model=zorro_vit_tiny", "data=shards", f"data.root={demo_shards}",
-               "data.decode_on_device=true", "data.num_workers=2", "data.batch_size=2", "trainer.fast_dev_run=true",
+               "data.decode_on_device=true", "data.num_workers=0", "data.batch_size=2", "trainer.fast_dev_run=true",
                "logger=none", f"hydra.run.dir={tmp_path}")
 
 

@@ -73,7 +73,8 @@ COLOUR_OPS = ("brightness", "saturation", "contrast", "hue")
 
 
 def colour_params(rng: random.Random, *, brightness: float = 32 / 255, saturation: tuple[float, float] = (0.6, 1.4),
-                  contrast: tuple[float, float] = (0.6, 1.4), hue: float = 0.2) -> tuple[tuple[int, ...], tuple[float, ...]]:
+                  contrast: tuple[float, float] = (0.6, 1.4),
+                  hue: float = 0.2) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """The random part of a colour change: the order of the four COLOUR_OPS and each op's factor (drawn in that
     order). Drawn in the worker on either path, so a seed gives the same change wherever the frames decode.
 
