@@ -15,6 +15,8 @@ python benchmarks/train_step.py --batch 64 --steps 20 --compile
 if [ -n "$SHARDS" ]; then
   echo "== data wait with the shard DataModule feeding the GPU"
   python benchmarks/train_step.py --batch 64 --steps 30 --shards "$SHARDS" --workers 12
+  echo "== the same with the frames decoded on the GPU (data.decode_on_device: nvJPEG + augmentation in a batch), 8 workers"
+  python benchmarks/train_step.py --batch 64 --steps 30 --shards "$SHARDS" --workers 8 --decode-on-device
 fi
 echo "== trainer=gpu end to end (bf16-mixed, fused AdamW), tiny model"
 python train.py trainer=gpu debug=tiny logger=csv trainer.max_epochs=1 paths.log_dir=/tmp/zorro-gpu-run

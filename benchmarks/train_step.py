@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--find-max-batch", action="store_true", help="CUDA: search the largest batch that fits")
     p.add_argument("--shards", default=None, help="feed real batches from these shards and time the data wait")
     p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--decode-on-device", action="store_true", help="with --shards: JPEG frames decoded and augmented "
+                   "on the device (data.decode_on_device; counted in the step time)")
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -163,11 +165,13 @@ def main() -> None:
             print(f"largest batch that fits: {largest_batch(build, device, batch)}")
             task, opt, step = build()
     if args.shards:
+        from zorro.data.device import decode_on_device
         from zorro.data.shards import ShardDataModule
 
         dm = ShardDataModule(root=args.shards, batch_size=batch, num_workers=args.workers,
                              num_frames=model.video_grid[0], image_size=model.video_grid[1] * model.video_embed.patch_size,
-                             sample_rate=model.audio_frontend.sample_rate, pin_memory=cuda, epoch_length=100_000)
+                             sample_rate=model.audio_frontend.sample_rate, pin_memory=cuda, epoch_length=100_000,
+                             decode_on_device=args.decode_on_device)
         it, wait, total = iter(dm.train_dataloader()), 0.0, 0.0
         next(it)  # workers up
         for _ in range(args.steps):
@@ -176,7 +180,7 @@ def main() -> None:
             b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
             b["label"] = b["label"] % num_classes
             t1 = time.perf_counter()
-            step(b)
+            step(decode_on_device(b, device))  # a no-op unless --decode-on-device
             sync(device)
             wait, total = wait + t1 - t0, total + time.perf_counter() - t0
         print(f"with {args.workers} loader workers on {args.shards}: {100 * wait / total:.1f}% of the step time waits "

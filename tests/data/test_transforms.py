@@ -21,6 +21,7 @@ def test_window_audio_loops_short_clips():
     audio = np.arange(10, dtype=np.int16)
     out = window_audio(audio, start=0.5, seconds=2.0, sample_rate=10)
     assert out.tolist() == [5, 6, 7, 8, 9, 0, 1, 2, 3, 4] * 2
+    assert window_audio(audio, start=0.2, seconds=0.5, sample_rate=10).tolist() == [2, 3, 4, 5, 6]  # inside: a slice
 
 
 def test_window_starts_are_equally_spaced():

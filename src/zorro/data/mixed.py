@@ -84,7 +84,12 @@ class MixedModalityDataModule(pl.LightningDataModule):
             return all(m.has_split("train") for m in self.modules.values())
         return self.modules[self.eval_source].has_split(stage)
 
+    def _share_trainer(self) -> None:
+        for m in self.modules.values():  # data.decode_on_device=auto asks the trainer for its accelerator
+            m.trainer = self.trainer
+
     def train_dataloader(self):
+        self._share_trainer()
         loaders = {k: m.train_dataloader() for k, m in self.modules.items()}
         length = sum(len(v) for v in loaders.values())
         # batches are already collated: an outer loader with batch_size=None just passes them through
@@ -94,6 +99,7 @@ class MixedModalityDataModule(pl.LightningDataModule):
     def _eval(self, stage: str):
         if not self.has_split(stage):
             return []
+        self._share_trainer()
         module = self.modules[self.eval_source]
         remap = self.remaps[self.eval_source]
 

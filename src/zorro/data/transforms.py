@@ -1,4 +1,5 @@
-"""Per-clip sampling and augmentation, run in data-loader workers on one decoded clip.
+"""Per-clip sampling and augmentation: the parameters are drawn in data-loader workers; the pixels are changed
+there too (frames decoded in the worker) or in a batch on the accelerator (zorro.data.device).
 
 Windows (Zorro appendix B): `num_frames` frames at `frame_rate` (AudioSet: 8 at 3.125 FPS = 2.56 s) and audio of
 a configured length centred on them (by default the same span; `audio_span`); clips shorter than the window are
@@ -10,6 +11,7 @@ colour augmentation (brightness max_delta 32/255, hue max_delta 0.2, saturation 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -30,6 +32,8 @@ def window_audio(audio: np.ndarray, *, start: float, seconds: float, sample_rate
     n, offset = int(round(seconds * sample_rate)), int(round(start * sample_rate))
     if audio.size == 0:
         return np.zeros(n, dtype=audio.dtype)
+    if 0 <= offset and offset + n <= audio.size:
+        return audio[offset : offset + n]  # the usual case; indexing 123k samples costs a worker ~2 ms per clip
     idx = (offset + np.arange(n)) % audio.size
     return audio[idx]
 
@@ -87,23 +91,99 @@ def eval_crop_boxes(height: int, width: int, crops: int) -> list[tuple[int, int,
     return [(int(round(p * (height - side))), 0, side, side) for p in positions]
 
 
-def colour_augment(frames: torch.Tensor, rng: random.Random, *, brightness: float = 32 / 255,
-                   saturation: tuple[float, float] = (0.6, 1.4), contrast: tuple[float, float] = (0.6, 1.4),
-                   hue: float = 0.2) -> torch.Tensor:
-    """Same random colour change for every frame of a clip. uint8 T x 3 x H x W in and out.
+COLOUR_OPS = ("brightness", "saturation", "contrast", "hue")
+
+
+def colour_params(rng: random.Random, *, brightness: float = 32 / 255, saturation: tuple[float, float] = (0.6, 1.4),
+                  contrast: tuple[float, float] = (0.6, 1.4),
+                  hue: float = 0.2) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The random part of a colour change: the order of the four COLOUR_OPS and each op's factor (drawn in that
+    order). Drawn in the worker on either path, so a seed gives the same change wherever the frames decode.
 
     Brightness and hue deltas are the paper's max_delta values (TF-style additive brightness); the
     saturation/contrast ranges are lost in our copies (choice: 0.6-1.4).
     """
-    x = frames.float() / 255
-    ops = [lambda t: (t + rng.uniform(-brightness, brightness)).clamp(0, 1),
-           lambda t: TF.adjust_saturation(t, rng.uniform(*saturation)),
-           lambda t: TF.adjust_contrast(t, rng.uniform(*contrast)),
-           lambda t: TF.adjust_hue(t, rng.uniform(-hue, hue))]
-    rng.shuffle(ops)
-    for op in ops:
-        x = op(x)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    ranges = [(-brightness, brightness), saturation, contrast, (-hue, hue)]
+    order = list(range(len(COLOUR_OPS)))
+    rng.shuffle(order)
+    factors = [0.0] * len(order)
+    for op in order:
+        factors[op] = rng.uniform(*ranges[op])
+    return tuple(order), tuple(factors)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    return (x * ratio + other * (1 - ratio)).clamp_(0, 1)
+
+
+def _colour_op(op: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_* of one op with a factor per clip: x float n x T x 3 x H x W in [0, 1], f n."""
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+    f = f.view(-1, 1, 1, 1, 1)
+    if op == 0:  # brightness: additive, as TF's adjust_brightness
+        return (x + f).clamp_(0, 1)
+    if op == 1:  # saturation: blend with the grey image
+        return _blend(x, TF.rgb_to_grayscale(x), f)
+    if op == 2:  # contrast: blend with each frame's mean grey
+        return _blend(x, TF.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+    h, s, v = _rgb_to_hsv(x).unbind(dim=-3)  # hue: rotate H in HSV
+    return _hsv_to_rgb(torch.stack(((h + f[..., 0]).remainder_(1.0), s, v), dim=-3))
+
+
+def apply_colour(videos: torch.Tensor, orders: list[tuple[int, ...] | None], factors: torch.Tensor) -> torch.Tensor:
+    """Each clip's own colour change, batched: uint8 B x T x 3 x H x W in and out (on any device); `orders[b]`
+    from colour_params (None: clip b is unchanged) and `factors` B x 4 (rows of unchanged clips are ignored).
+
+    Clips that apply the same op at the same position run together, so a batch costs at most 16 op calls."""
+    active = [b for b, o in enumerate(orders) if o is not None]
+    if not active:
+        return videos
+    whole = len(active) == len(orders)
+    index = None if whole else torch.tensor(active).to(videos.device, non_blocking=True)
+    x = (videos if whole else videos.index_select(0, index)).float() / 255
+    f = factors.to(device=videos.device, dtype=torch.float32)
+    f = f if whole else f.index_select(0, index)
+    for position in range(len(COLOUR_OPS)):
+        for op in range(len(COLOUR_OPS)):
+            sel = [i for i, b in enumerate(active) if orders[b][position] == op]
+            if len(sel) == len(active):
+                x = _colour_op(op, x, f[:, op])
+            elif sel:
+                idx = torch.tensor(sel).to(videos.device, non_blocking=True)
+                x.index_copy_(0, idx, _colour_op(op, x.index_select(0, idx), f.index_select(0, idx)[:, op]))
+    out = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return out if whole else videos.index_copy(0, index, out)
+
+
+def colour_augment(frames: torch.Tensor, rng: random.Random, **ranges) -> torch.Tensor:
+    """Same random colour change for every frame of a clip. uint8 T x 3 x H x W in and out."""
+    order, factors = colour_params(rng, **ranges)
+    return apply_colour(frames[None], [order], torch.tensor([factors]))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """One view's spatial and colour augmentation, drawn in the worker: crop box (top, left, h, w) of the stored
+    frames, horizontal flip, colour change (colour_params) or None."""
+
+    box: tuple[int, int, int, int]
+    flip: bool = False
+    colour: tuple[tuple[int, ...], tuple[float, ...]] | None = None
+
+
+def crop_flip(frames: torch.Tensor, view: View, size: int) -> torch.Tensor:
+    video = crop_resize(frames, view.box, size)
+    return video.flip(-1) if view.flip else video
+
+
+def augment(frames: torch.Tensor, view: View, size: int) -> torch.Tensor:
+    """A decoded clip (uint8 T x 3 x h x w) -> the view (uint8 T x 3 x size x size); the device path does the
+    same in a batch (zorro.data.device)."""
+    video = crop_flip(frames, view, size)
+    if view.colour is None:
+        return video
+    return apply_colour(video[None], [view.colour[0]], torch.tensor([view.colour[1]]))[0]
 
 
 def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:

@@ -13,6 +13,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from ..data.device import decode_on_device
+
 log = logging.getLogger(__name__)
 
 # Evaluation input settings (Table 3: V / A / A+V): the other modality's input is zeroed, as in the paper.
@@ -121,6 +123,10 @@ class BaseTask(pl.LightningModule):
 
     def forward(self, batch: dict, inputs: str = "audio_video", zero_input: str = "normalised") -> dict[str, torch.Tensor]:
         return self.backbone(**model_inputs(batch, inputs, zero_input))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # data.decode_on_device: the frames arrive JPEG-encoded and are decoded and augmented here, on the device
+        return decode_on_device(batch, self.device)
 
     def configure_optimizers(self):
         skip = set()
