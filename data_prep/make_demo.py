@@ -5,8 +5,10 @@
 Each clip shows a coloured blob (red or blue) moving over noise with distractor shapes and plays a tone (low or
 high) in noise: the 4 classes `{red,blue}_{low,high}` need both eyes and ears (A or V alone: at most 50%).
 With `--labels shared` (the Table-3 demo) audio and video carry the *same* label instead: 4 classes, each a
-colour and a pitch (`red_low`, `blue_mid`, `green_high`, `yellow_top`), so either modality alone can reach 100%
-and the question becomes whether a model keeps what each modality knows when the other one is missing.
+colour and a pitch (`red_low`, `blue_mid`, `green_high`, `yellow_top`). As on AudioSet, one modality is the
+stronger: the tone always matches the label, the colour only in `--video-agreement` (0.7) of the clips (the
+others show another class's colour). A model that lets its video tokens read the audio then leans on it, and its
+video output fails when the audio is missing; one whose video stream sees only video keeps ~70%.
 Mostly H.264/AAC mp4 (some at 44.1 / 16 kHz to exercise resampling), some VP9/Opus webm and MPEG-4/MP3 mkv,
 a few videos without an audio track, a few audio-only wav files (has_video=false; their label comes from the
 tone alone, so they are labelled with the tone and a colour taken in turn — an honest "unknowable" part).
@@ -34,7 +36,7 @@ DISTRACTORS = [(40, 200, 40), (220, 220, 40), (200, 200, 200)]
 LABELS = {
     "product": {"classes": [(c, p) for c in ("red", "blue") for p in ("low", "high")], "distractors": DISTRACTORS},
     "shared": {"classes": [("red", "low"), ("blue", "mid"), ("green", "high"), ("yellow", "top")],
-               "distractors": [(200, 200, 200), (150, 80, 200), (120, 80, 40)]},
+               "distractors": [(200, 200, 200), (150, 80, 200), (120, 80, 40)], "video_agreement": 0.7},
 }
 
 
@@ -130,7 +132,7 @@ NAMES = ["clip {i:03d}", "clip.{i:03d}.take", "clip_{i:03d}", "clíp-{i:03d} ün
 
 def make_demo(out: Path, *, num_clips: int = 48, seed: int = 0, seconds: float = 3.0, width: int = 128,
               height: int = 96, fps: int = 25, num_no_audio: int = 3, num_audio_only: int = 3,
-              broken: bool = True, labels: str = "product") -> Path:
+              broken: bool = True, labels: str = "product", video_agreement: float | None = None) -> Path:
     """Write the files and labels.csv into `out`; returns the path of labels.csv."""
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {sorted(LABELS)}, got {labels!r}")
@@ -138,6 +140,9 @@ def make_demo(out: Path, *, num_clips: int = 48, seed: int = 0, seconds: float =
     rng = np.random.default_rng(seed)
     rows = []
     classes, distractors = LABELS[labels]["classes"], LABELS[labels]["distractors"]
+    if video_agreement is None:
+        video_agreement = LABELS[labels].get("video_agreement", 1.0)
+    vrng = np.random.default_rng(seed + 1)  # its own generator: the other draws stay those of video_agreement=1
     splits = ["train", "val", "test", "train", "train"]  # the k-th clip of each class: 60 / 20 / 20
     for i in range(num_clips):
         colour, pitch = classes[i % len(classes)]  # balanced classes; every split gets every class
@@ -149,7 +154,10 @@ def make_demo(out: Path, *, num_clips: int = 48, seed: int = 0, seconds: float =
         if i < num_no_audio:  # a video without a sound track: has_audio=false
             audio = None
         path = out / f"{name}{ext}"
-        write_video(path, render_frames(rng, colour, secs, fps, width, height, distractors), audio, fps=fps, width=width,
+        shown = colour  # the colour on screen: another class's in 1 - video_agreement of the clips
+        if video_agreement < 1 and vrng.random() >= video_agreement:
+            shown = [c for c, _ in classes if c != colour][vrng.integers(len(classes) - 1)]
+        write_video(path, render_frames(rng, shown, secs, fps, width, height, distractors), audio, fps=fps, width=width,
                     height=height, sample_rate=sr, vcodec=vcodec, acodec=acodec)
         rows.append((path.name, f"{colour}_{pitch}", split))
     for j in range(num_audio_only):  # audio-only files (has_video=false), like ESC-50
@@ -186,10 +194,12 @@ def main() -> None:
     p.add_argument("--num-audio-only", type=int, default=3, help="extra audio-only wav files")
     p.add_argument("--labels", choices=sorted(LABELS), default="product",
                    help="product: colour x pitch (A or V alone reach 50%%); shared: the same label in both (Table-3 demo)")
+    p.add_argument("--video-agreement", type=float, default=None,
+                   help="shared labels: the fraction of clips whose colour matches the label (default 0.7)")
     args = p.parse_args()
     labels = make_demo(args.out, num_clips=args.num_clips, seed=args.seed, seconds=args.seconds, width=args.width,
                        height=args.height, broken=not args.no_broken, num_no_audio=args.num_no_audio,
-                       num_audio_only=args.num_audio_only, labels=args.labels)
+                       num_audio_only=args.num_audio_only, labels=args.labels, video_agreement=args.video_agreement)
     print(f"wrote {args.num_clips} clips and {labels}")
 
 
