@@ -103,3 +103,25 @@ def save_reconstruction(backbone, batch: dict, path: Path, *, num_samples: int =
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class SkippedSamples(pl.Callback):
+    """`data/skipped`: unreadable training samples the data module skipped this epoch (summed over ranks); stops
+    the run (data.max_bad_fraction) when too much of an epoch is unreadable. For data modules with `skipped()`."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = self.seen = self._count(trainer)
+
+    @staticmethod
+    def _count(trainer: pl.Trainer) -> int:
+        dm = trainer.datamodule
+        return dm.skipped("train") if hasattr(dm, "skipped") else 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        if not hasattr(trainer.datamodule, "skipped"):
+            return
+        total = self._count(trainer)
+        pl_module.log("data/skipped", float(total - self.seen), on_step=False, on_epoch=True, reduce_fx="sum",
+                      sync_dist=True)
+        self.seen = total
+        trainer.datamodule.check_skipped(total - self.start)

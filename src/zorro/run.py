@@ -11,10 +11,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import ConfigError, check_config
 from .models import count_parameters
+from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+from .preemption import resolve_ckpt_path
 from .tasks import EVAL_INPUTS
 
 log = logging.getLogger("zorro")
@@ -80,8 +83,20 @@ def build(cfg: DictConfig):
             continue
         callbacks.append(instantiate(c))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                          enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks))
+                          enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+                          **_sync_batchnorm(cfg.trainer))
     return datamodule, task, trainer
+
+
+def _sync_batchnorm(trainer_cfg: DictConfig) -> dict:
+    """SyncBatchNorm only runs on CUDA: trainer=ddp keeps it on GPUs and drops it for CPU (gloo) runs."""
+    if not trainer_cfg.get("sync_batchnorm"):
+        return {}
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return {}
+    log.info("sync_batchnorm off: SyncBatchNorm needs CUDA (accelerator=%s)", accelerator)
+    return {"sync_batchnorm": False}
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -90,7 +105,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(task.run_config)
     if cfg.get("train", True):
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), trainer))
+        except SIGTERMException:  # preempted: PreemptionCheckpoint saved the step and printed how to resume
+            raise SystemExit(PREEMPTED_EXIT_CODE) from None
     metrics = _scalars(trainer.callback_metrics)
     if cfg.get("test", True) and datamodule.has_split("test") and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
