@@ -109,6 +109,9 @@ class SkippedSamples(pl.Callback):
     """`data/skipped`: unreadable training samples the data module skipped this epoch (summed over ranks); stops
     the run (data.max_bad_fraction) when too much of an epoch is unreadable. For data modules with `skipped()`."""
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = self.seen = self._count(trainer)  # a run resumed mid-epoch gets no on_train_epoch_start
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = self.seen = self._count(trainer)
 

@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import re
+import signal
 import subprocess
 from pathlib import Path
 from typing import Sequence
@@ -321,6 +322,10 @@ class ShardStream(IterableDataset):
                 self._count_bad(1, f"sample {raw.get('__key__')} ({raw.get('__url__')})", e)
 
     def __iter__(self):
+        if get_worker_info() is not None:
+            # A scheduler's SIGTERM goes to the whole process group: the loader's workers keep serving until the
+            # trainer, which got it too, finishes its step and shuts them down (see zorro.preemption).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         slot, slots = _slot(self.rank, self.world)
         epoch, self.epoch = self.epoch, self.epoch + 1
         if not self.train:
