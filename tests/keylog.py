@@ -1,5 +1,5 @@
 """A test callback for train.py subprocesses: `+callbacks.keylog._target_=tests.keylog.KeyLog
-+callbacks.keylog.path=FILE` appends one JSON line per training batch (rank, epoch, step, clip keys, a pixel and
++callbacks.keylog.path=FILE` (RANK in FILE: the global rank) appends one JSON line per training batch (rank, epoch, step, clip keys, a pixel and
 audio checksum), so tests can compare what each rank trained on across runs."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class KeyLog(pl.Callback):
         row = {"rank": trainer.global_rank, "epoch": trainer.current_epoch, "step": trainer.global_step,
                "keys": list(batch["key"]), "video": float(batch["video"].float().sum()),
                "audio": float(batch["audio"].float().abs().sum())}
-        path = Path(self.path.replace("{rank}", str(trainer.global_rank)))
+        path = Path(self.path.replace("RANK", str(trainer.global_rank)))
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.pause_at_step is not None and trainer.global_step == self.pause_at_step:
