@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -40,7 +41,12 @@ def build_task(cfg: DictConfig):
     check_config(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    try:
+        datamodule = instantiate(cfg.data)
+    except InstantiationException as e:  # e.g. an unreachable data.root: a one-line error, not Hydra's wrapper
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
     backbone = instantiate(cfg.model)
     log.info("backbone %s (masking=%s): %.2fM parameters", type(backbone).__name__,
              getattr(getattr(backbone, "routing", None), "name", "-"), count_parameters(backbone) / 1e6)

@@ -17,6 +17,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlparse
@@ -102,21 +103,24 @@ def open_shard(url: str, cache_dir: str | None = None):
     webdataset's gopen (curl with retries, shell pipes, gsutil); any other fsspec URL (s3://, az://, gcs://...)
     through fsspec. With `cache_dir`, a remote shard is copied there on first use (webdataset's FileCache) and
     later epochs read the copy."""
-    import webdataset as wds
+    from webdataset import gopen as _  # noqa: F401  (the package exports a function of the module's name)
 
+    gopen = sys.modules["webdataset.gopen"]
     scheme = urlparse(url).scheme
     if scheme in ("", "file"):
         return open(url.removeprefix("file://"), "rb")
-    if scheme not in wds.gopen.gopen_schemes:  # webdataset's dispatch table: fsspec for what it lacks
-        wds.gopen.gopen_schemes[scheme] = _gopen_fsspec
+    if scheme not in gopen.gopen_schemes:  # webdataset's dispatch table: fsspec for what it lacks
+        gopen.gopen_schemes[scheme] = _gopen_fsspec
     if cache_dir:
         import hashlib
 
         def cache_name(u: str) -> str:  # shard names repeat across datasets (train-000000.tar): prefix a hash
             return hashlib.sha1(u.encode()).hexdigest()[:12] + "-" + u.rstrip("/").rsplit("/", 1)[-1][-100:]
 
-        return open(wds.cache.FileCache(cache_dir, url_to_name=cache_name).get_file(url), "rb")
-    return wds.gopen.gopen(url)
+        from webdataset.cache import FileCache
+
+        return open(FileCache(cache_dir, url_to_name=cache_name).get_file(url), "rb")
+    return gopen.gopen(url)
 
 
 class ClipSampler:
@@ -365,7 +369,7 @@ class ShardStream(IterableDataset):
                 produced = True
                 yield sample
             if not produced and not (skip and rep == 0):
-                raise RuntimeError(f"slot {slot}/{slots} found no readable samples in {len(self.shards)} shards")
+                raise DataError(f"slot {slot}/{slots} found no readable samples in {len(self.shards)} shards")
 
 
 def _shuffled(stream, size: int, rng: random.Random):
