@@ -106,25 +106,20 @@ def save_reconstruction(backbone, batch: dict, path: Path, *, num_samples: int =
 
 
 class SkippedSamples(pl.Callback):
-    """`data/skipped`: unreadable training samples the data module skipped this epoch (summed over ranks); stops
-    the run (data.max_bad_fraction) when too much of an epoch is unreadable. For data modules with `skipped()`."""
+    """`data/skipped`: unreadable training samples the data module skipped (per epoch, summed over ranks); stops the
+    run when more than data.max_bad_fraction of the epochs so far was unreadable. For data modules with
+    `skipped()` / `check_skipped()` (the shard data module). Counts come from the loader workers as they read,
+    which is ahead of training (prefetch), so they are compared with all epochs so far, not the current one."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = self.seen = self._count(trainer)  # a run resumed mid-epoch gets no on_train_epoch_start
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = self.seen = self._count(trainer)
-
-    @staticmethod
-    def _count(trainer: pl.Trainer) -> int:
-        dm = trainer.datamodule
-        return dm.skipped("train") if hasattr(dm, "skipped") else 0
+        self.seen, self.first_epoch = 0, trainer.current_epoch  # the data module's stream is new in every fit
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
-        if not hasattr(trainer.datamodule, "skipped"):
+        dm = trainer.datamodule
+        if not hasattr(dm, "check_skipped"):
             return
-        total = self._count(trainer)
+        total = dm.skipped("train")
         pl_module.log("data/skipped", float(total - self.seen), on_step=False, on_epoch=True, reduce_fx="sum",
                       sync_dist=True)
         self.seen = total
-        trainer.datamodule.check_skipped(total - self.start)
+        dm.check_skipped(total, epochs=trainer.current_epoch - self.first_epoch + 1)

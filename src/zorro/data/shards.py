@@ -63,7 +63,8 @@ def shard_url(root: str | Path, name: str) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e.args[0]) if e.args else str(e)
+    # webdataset appends (stream, url) to an exception's args, which would make str(e) a tuple
+    text = e.args[0] if len(e.args) > 1 and isinstance(e.args[0], str) else str(e)
     return f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0][:300]}"
 
 
@@ -483,14 +484,14 @@ class ShardDataModule(pl.LightningDataModule):
         stream = self._streams.get(stage)
         return stream.skipped if stream is not None else 0
 
-    def check_skipped(self, skipped_this_epoch: int) -> None:
-        """Fail when more than max_bad_fraction of this rank's epoch was unreadable: a few bad clips in a large
-        dataset are skipped, a broken dataset is not silently trained on."""
+    def check_skipped(self, skipped: int, epochs: int = 1) -> None:
+        """Fail when more than max_bad_fraction of this rank's `epochs` epochs was unreadable: a few bad clips in a
+        large dataset are skipped, a broken dataset is not silently trained on."""
         stream = self._streams.get("train")
-        if stream is None or skipped_this_epoch <= self.max_bad_fraction * len(stream):
+        if stream is None or skipped <= self.max_bad_fraction * len(stream) * epochs:
             return
-        raise DataError(f"{skipped_this_epoch} of this epoch's {len(stream)} training samples (this rank) were "
-                        f"unreadable, more than data.max_bad_fraction={self.max_bad_fraction:g}; the warnings above "
+        raise DataError(f"{skipped} unreadable training samples in {epochs} epoch(s) of {len(stream)} samples on "
+                        f"this rank: more than data.max_bad_fraction={self.max_bad_fraction:g}; the warnings above "
                         f"name them (re-run data_prep for those shards, or raise data.max_bad_fraction)")
 
     def _loader(self, stage: str):
