@@ -96,3 +96,39 @@ def test_sigusr1_is_an_early_sigterm(shards, tmp_path):
             proc.kill()
     assert proc.returncode == EXIT_CODE and "Stopped by SIGUSR1 in epoch 0 after batch 3" in err, err[-3000:]
     assert torch.load(tmp_path / "run" / "checkpoints" / "preempted.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_under_slurm_usr1_requeues_and_sigterm_checkpoints(shards, tmp_path):
+    """trainer=slurm in a fake SLURM job (its environment variables, an `scontrol` that records its arguments):
+    Lightning's auto-requeue answers USR1 with hpc_ckpt_1.ckpt and `scontrol requeue JOB`; the SIGTERM with which
+    SLURM then stops the job writes preempted.ckpt, the newest checkpoint that ckpt_path=auto resumes from."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "zorro", "SLURM_NTASKS": "1", "SLURM_NNODES": "1",
+             "SLURM_NODELIST": "127.0.0.1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+             "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run_dir, log = tmp_path / "run", tmp_path / "run.jsonl"
+    args = [*train_args(shards, run_dir, log, 0), "trainer=slurm", "trainer.accelerator=cpu", "trainer.devices=1",
+            "trainer.precision=32-true", "+callbacks.keylog.pause_at_step=2"]
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0", **slurm})
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "run.jsonl.paused").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        while not (tmp_path / "scontrol.log").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+        assert (run_dir / "hpc_ckpt_1.ckpt").exists()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_CODE and "Stopped by SIGTERM in epoch 0 after batch 3" in err, err[-3000:]
+    preempted = run_dir / "checkpoints" / "preempted.ckpt"
+    assert preempted.stat().st_mtime >= (run_dir / "hpc_ckpt_1.ckpt").stat().st_mtime
