@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -88,6 +89,9 @@ def build(cfg: DictConfig):
         if name == "lr_monitor" and not loggers:  # LearningRateMonitor refuses to run without a logger
             continue
         callbacks.append(instantiate(c))
+    if "SLURMEnvironment" in str(cfg.trainer.get("plugins")) and "SLURM_PROCID" not in os.environ:
+        raise ConfigError("trainer=slurm runs in a SLURM job step (srun, or -m hydra/launcher=submitit_slurm_gpu); "
+                          "elsewhere use trainer=ddp (docs/cluster_training.md)")
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                           enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
                           **_sync_batchnorm(cfg.trainer))

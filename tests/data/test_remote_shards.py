@@ -101,3 +101,14 @@ def test_unreachable_url_or_missing_manifest_is_one_line(server, tmp_path, where
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("Error in config: cannot read") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_pipe_root_reads_manifest_and_shards_through_the_command(server, tmp_path):
+    url, log = server
+    dm = ShardDataModule(root=f"pipe:curl -s -f {url}/as/{{name}}", batch_size=2, num_workers=0, num_frames=4,
+                         image_size=32, sample_rate=16000, shuffle_buffer=0)
+    assert dm.info.class_names == ("cat", "dog", "bird")
+    keys = [k for batch in dm.train_dataloader() for k in batch["key"]]
+    assert sorted(keys) == [f"tr{i:02d}" for i in range(8)]
+    with pytest.raises(ConfigError, match="cannot read pipe:false"):
+        ShardDataModule(root="pipe:false {name}")
