@@ -122,4 +122,5 @@ class SkippedSamples(pl.Callback):
         pl_module.log("data/skipped", float(total - self.seen), on_step=False, on_epoch=True, reduce_fx="sum",
                       sync_dist=True)
         self.seen = total
-        dm.check_skipped(total, epochs=trainer.current_epoch - self.first_epoch + 1)
+        if not trainer.received_sigterm:  # a preempting SIGTERM also kills the workers' curl pipes: not bad data
+            dm.check_skipped(total, epochs=trainer.current_epoch - self.first_epoch + 1)

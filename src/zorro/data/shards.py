@@ -9,6 +9,7 @@ batches per epoch on every rank (DDP needs that), looping over a slot's samples 
 
 from __future__ import annotations
 
+import importlib
 import io
 import itertools
 import json
@@ -17,7 +18,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlparse
@@ -104,9 +104,7 @@ def open_shard(url: str, cache_dir: str | None = None):
     webdataset's gopen (curl with retries, shell pipes, gsutil); any other fsspec URL (s3://, az://, gcs://...)
     through fsspec. With `cache_dir`, a remote shard is copied there on first use (webdataset's FileCache) and
     later epochs read the copy."""
-    from webdataset import gopen as _  # noqa: F401  (the package exports a function of the module's name)
-
-    gopen = sys.modules["webdataset.gopen"]
+    gopen = importlib.import_module("webdataset.gopen")  # the module: `webdataset.gopen` is also its function
     scheme = urlparse(url).scheme
     if scheme in ("", "file"):
         return open(url.removeprefix("file://"), "rb")
