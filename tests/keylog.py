@@ -1,6 +1,6 @@
 """A test callback for train.py subprocesses: `+callbacks.keylog._target_=tests.keylog.KeyLog
-+callbacks.keylog.path=FILE` (RANK in FILE: the global rank) appends one JSON line per training batch (rank, epoch, step, clip keys, a pixel and
-audio checksum), so tests can compare what each rank trained on across runs."""
++callbacks.keylog.path=FILE` (RANK in FILE: the global rank) appends one JSON line per training batch (rank,
+epoch, step, clip keys, a pixel and an audio checksum), so tests can compare what each rank trained on."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -122,7 +123,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = _scalars(trainer.callback_metrics)
     if cfg.get("test", True) and datamodule.has_split("test") and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        try:
+            trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        except SIGTERMException:  # training had finished: only the test is lost
+            print(f"Stopped by SIGTERM while testing; test the best checkpoint with `python evaluate.py "
+                  f"ckpt_path={best}`", file=sys.stderr, flush=True)
+            raise SystemExit(PREEMPTED_EXIT_CODE) from None
         metrics.update(_scalars(trainer.callback_metrics))
         _report(metrics, "test")
     out = Path(cfg.paths.output_dir) if cfg.get("paths") else None
