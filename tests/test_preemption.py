@@ -36,7 +36,7 @@ def batches(rows):
     return [(r["epoch"], r["step"], r["keys"], round(r["video"], 3), round(r["audio"], 3)) for r in rows]
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_mid_epoch_then_auto_resume_sees_the_same_batches(shards, tmp_path, workers):
     run_script(*train_args(shards, tmp_path / "full", tmp_path / "full.jsonl", workers))
     full = read(tmp_path / "full.jsonl")
