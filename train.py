@@ -10,6 +10,7 @@ from zorro.config import ConfigError
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from zorro.data.shards import DataError
     from zorro.run import train  # imported here so --help and config errors stay fast
 
     try:
@@ -17,6 +18,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"Error in config: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except DataError as e:
+        print(f"Error in data: {e}", file=sys.stderr)
+        raise SystemExit(3)
     return metrics.get("val/score")  # the value a Hydra sweeper optimises
 
 

@@ -47,8 +47,8 @@ def test_models_instantiate_with_every_masking(model, masking, tmp_path):
 @pytest.mark.parametrize("group", ["trainer", "logger", "callbacks", "optimizer", "scheduler", "task"])
 def test_group_options_instantiate(group, tmp_path):
     for option in options(group):
-        if option == "tpu":
-            continue  # needs torch_xla: tests/test_xla.py
+        if option in ("tpu", "slurm"):
+            continue  # needs torch_xla: tests/test_xla.py; a SLURM job: tests/test_preemption.py
         extra = ["trainer.accelerator=cpu"] if (group, option) in {("trainer", "gpu"), ("trainer", "ddp")} else []
         cfg = compose_cfg(overrides=["debug=tiny", f"{group}={option}", *extra], output_dir=tmp_path)
         datamodule, task, trainer = build(cfg)

@@ -103,3 +103,24 @@ def save_reconstruction(backbone, batch: dict, path: Path, *, num_samples: int =
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class SkippedSamples(pl.Callback):
+    """`data/skipped`: unreadable training samples the data module skipped (per epoch, summed over ranks); stops the
+    run when more than data.max_bad_fraction of the epochs so far was unreadable. For data modules with
+    `skipped()` / `check_skipped()` (the shard data module). Counts come from the loader workers as they read,
+    which is ahead of training (prefetch), so they are compared with all epochs so far, not the current one."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen, self.first_epoch = 0, trainer.current_epoch  # the data module's stream is new in every fit
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        dm = trainer.datamodule
+        if not hasattr(dm, "check_skipped"):
+            return
+        total = dm.skipped("train")
+        pl_module.log("data/skipped", float(total - self.seen), on_step=False, on_epoch=True, reduce_fx="sum",
+                      sync_dist=True)
+        self.seen = total
+        if not trainer.received_sigterm:  # a preempting SIGTERM also kills the workers' curl pipes: not bad data
+            dm.check_skipped(total, epochs=trainer.current_epoch - self.first_epoch + 1)

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import ConfigError, check_config
 from .models import count_parameters
+from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+from .preemption import resolve_ckpt_path
 from .tasks import EVAL_INPUTS
 
 log = logging.getLogger("zorro")
@@ -37,7 +43,12 @@ def build_task(cfg: DictConfig):
     check_config(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    try:
+        datamodule = instantiate(cfg.data)
+    except InstantiationException as e:  # e.g. an unreachable data.root: a one-line error, not Hydra's wrapper
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
     backbone = instantiate(cfg.model)
     log.info("backbone %s (masking=%s): %.2fM parameters", type(backbone).__name__,
              getattr(getattr(backbone, "routing", None), "name", "-"), count_parameters(backbone) / 1e6)
@@ -79,9 +90,24 @@ def build(cfg: DictConfig):
         if name == "lr_monitor" and not loggers:  # LearningRateMonitor refuses to run without a logger
             continue
         callbacks.append(instantiate(c))
+    if "SLURMEnvironment" in str(cfg.trainer.get("plugins")) and "SLURM_PROCID" not in os.environ:
+        raise ConfigError("trainer=slurm runs in a SLURM job step (srun, or -m hydra/launcher=submitit_slurm_gpu); "
+                          "elsewhere use trainer=ddp (docs/cluster_training.md)")
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                          enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks))
+                          enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+                          **_sync_batchnorm(cfg.trainer))
     return datamodule, task, trainer
+
+
+def _sync_batchnorm(trainer_cfg: DictConfig) -> dict:
+    """SyncBatchNorm only runs on CUDA: trainer=ddp keeps it on GPUs and drops it for CPU (gloo) runs."""
+    if not trainer_cfg.get("sync_batchnorm"):
+        return {}
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return {}
+    log.info("sync_batchnorm off: SyncBatchNorm needs CUDA (accelerator=%s)", accelerator)
+    return {"sync_batchnorm": False}
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -90,12 +116,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(task.run_config)
     if cfg.get("train", True):
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), trainer))
+        except SIGTERMException:  # preempted: PreemptionCheckpoint saved the step and printed how to resume
+            raise SystemExit(PREEMPTED_EXIT_CODE) from None
     metrics = _scalars(trainer.callback_metrics)
     settings = task.eval_settings() if hasattr(task, "eval_settings") else None
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("test", True) and datamodule.has_split("test") and not trainer.fast_dev_run:
-        trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        try:
+            trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        except SIGTERMException:  # training had finished: only the test is lost
+            print(f"Stopped by SIGTERM while testing; test the best checkpoint with `python evaluate.py "
+                  f"ckpt_path={best}`", file=sys.stderr, flush=True)
+            raise SystemExit(PREEMPTED_EXIT_CODE) from None
         metrics.update(_scalars(trainer.callback_metrics))
         _report(metrics, "test", settings)
     out = Path(cfg.paths.output_dir) if cfg.get("paths") else None

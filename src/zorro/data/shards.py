@@ -10,14 +10,18 @@ batches per epoch on every rank (DDP needs that), looping over a slot's samples 
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import itertools
 import json
 import logging
 import random
 import re
+import signal
+import subprocess
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+from urllib.parse import urlparse
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from ..config import ConfigError
 from .device import EncodedFrames, collate
 from .info import DatasetInfo
 from .transforms import (AUDIO_ALIGN, View, audio_span, augment, colour_params, eval_crop_boxes, random_resized_box,
@@ -34,14 +39,89 @@ log = logging.getLogger(__name__)
 FRAME = re.compile(r"^f(\d+)\.jpg$")
 
 
+class ManifestNotFound(ConfigError, FileNotFoundError):
+    """data.root has no readable manifest.json (a one-line error from train.py / evaluate.py)."""
+
+
+class DataError(RuntimeError):
+    """Too much of the training data is unreadable (data.max_bad_fraction)."""
+
+
+def is_url(root: str | Path) -> bool:
+    return isinstance(root, str) and ("://" in root or root.startswith("pipe:"))
+
+
+def shard_url(root: str | Path, name: str) -> str:
+    """Where shard `name` of a shard folder is: a local path, root + "/" + name for a URL (http(s)://, s3://,
+    gs://, any fsspec URL), or a `{name}` template (e.g. `pipe:aws s3 cp s3://bucket/as2m/{name} -`)."""
+    root = str(root)
+    if "{name}" in root:
+        return root.replace("{name}", name)
+    if is_url(root):
+        if root.startswith("pipe:"):
+            raise ManifestNotFound(f"data.root={root!r}: a pipe: root needs a {{name}} placeholder for the file name")
+        return root.rstrip("/") + "/" + name
+    return str(Path(root) / name)
+
+
+def _first_line(e: BaseException) -> str:
+    # webdataset appends (stream, url) to an exception's args, which would make str(e) a tuple
+    text = e.args[0] if len(e.args) > 1 and isinstance(e.args[0], str) else str(e)
+    return f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0][:300]}"
+
+
 def read_manifest(root: str | Path) -> dict:
-    path = Path(root) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no manifest.json in {root}: make shards with `python -m data_prep` first")
-    manifest = json.loads(path.read_text())
+    url = shard_url(root, "manifest.json")
+    if not is_url(root):
+        path = Path(url)
+        if not path.exists():
+            raise ManifestNotFound(f"no manifest.json in {root}: make shards with `python -m data_prep` first")
+        text = path.read_text()
+    else:  # read like the shards: fsspec for URLs, the shell for pipe:
+        try:
+            if url.startswith("pipe:"):
+                text = subprocess.run(url[5:], shell=True, check=True, capture_output=True, timeout=300).stdout.decode()
+            else:
+                import fsspec
+
+                with fsspec.open(url, "rt") as f:
+                    text = f.read()
+        except Exception as e:
+            raise ManifestNotFound(f"cannot read {url} ({_first_line(e)}): is data.root a shard folder "
+                                   f"written by `python -m data_prep`, and is it reachable?") from None
+    manifest = json.loads(text)
     if manifest.get("format_version") != 1:
-        raise ValueError(f"{path}: unsupported format_version {manifest.get('format_version')}")
+        raise ValueError(f"{url}: unsupported format_version {manifest.get('format_version')}")
     return manifest
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+def open_shard(url: str, cache_dir: str | None = None):
+    """A binary stream of one shard, read as it arrives: local files directly; http(s), pipe:, gs:// through
+    webdataset's gopen (curl with retries, shell pipes, gsutil); any other fsspec URL (s3://, az://, gcs://...)
+    through fsspec. With `cache_dir`, a remote shard is copied there on first use (webdataset's FileCache) and
+    later epochs read the copy."""
+    gopen = importlib.import_module("webdataset.gopen")  # the module: `webdataset.gopen` is also its function
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file"):
+        return open(url.removeprefix("file://"), "rb")
+    if scheme not in gopen.gopen_schemes:  # webdataset's dispatch table: fsspec for what it lacks
+        gopen.gopen_schemes[scheme] = _gopen_fsspec
+    if cache_dir:
+        import hashlib
+
+        def cache_name(u: str) -> str:  # shard names repeat across datasets (train-000000.tar): prefix a hash
+            return hashlib.sha1(u.encode()).hexdigest()[:12] + "-" + u.rstrip("/").rsplit("/", 1)[-1][-100:]
+
+        from webdataset.cache import FileCache
+
+        return open(FileCache(cache_dir, url_to_name=cache_name).get_file(url), "rb")
+    return gopen.gopen(url)
 
 
 class ClipSampler:
@@ -205,14 +285,26 @@ def _slot(rank: int, world: int) -> tuple[int, int]:
 class ShardStream(IterableDataset):
     def __init__(self, *, shards: Sequence[str], counts: Sequence[int], sampler: ClipSampler, train: bool,
                  samples_per_slot: int | None = None, length: int | None = None, shuffle_buffer: int = 0,
-                 seed: int = 0, rank: int = 0, world: int = 1, batch_size: int = 1):
+                 seed: int = 0, rank: int = 0, world: int = 1, batch_size: int = 1, workers: int = 1,
+                 cache_dir: str | None = None):
         self.shards, self.counts, self.sampler, self.train = list(shards), list(counts), sampler, train
         self.rank, self.world = rank, world
         self.samples_per_slot, self.length, self.shuffle_buffer, self.seed = samples_per_slot, length, shuffle_buffer, seed
         self.epoch = 0  # advanced by every __iter__ (workers are persistent, so each keeps its own count)
         self.resume: tuple[int, int] | None = None  # (epoch, batches this rank trained on) from a checkpoint
-        self.batch_size = batch_size
-        self.skipped = 0
+        self.batch_size, self.cache_dir = batch_size, cache_dir
+        # Unreadable samples skipped, one cell per data-loader worker: shared memory, so the main process (the
+        # SkippedSamples callback) sees the workers' counts.
+        self.bad = torch.zeros(max(1, workers), dtype=torch.int64).share_memory_()
+
+    @property
+    def skipped(self) -> int:
+        return int(self.bad.sum())
+
+    def _count_bad(self, n: int, what: str, e: BaseException) -> None:
+        info = get_worker_info()
+        self.bad[(info.id if info else 0) % len(self.bad)] += n
+        log.warning("skipping unreadable %s: %s", what, _first_line(e))
 
     def __len__(self) -> int:
         if self.length is None:
@@ -226,20 +318,37 @@ class ShardStream(IterableDataset):
         if self.train:  # a new shard order every epoch (the same in every slot); the shuffle buffer mixes further
             order_rng.shuffle(mine)
         n = 0
-        for sample in tar_samples(self.shards[i] for i in mine):
-            if keep is None or n % slots == keep:
-                yield sample
-            n += 1
+        for i in mine:
+            read = 0
+            try:
+                stream = open_shard(self.shards[i], self.cache_dir)
+                try:
+                    for sample in _tar_samples(stream, self.shards[i]):
+                        read += 1
+                        if keep is None or n % slots == keep:
+                            yield sample
+                        n += 1
+                finally:
+                    try:
+                        stream.close()
+                    except Exception:  # curl cut off by an epoch that ends mid-shard reports SIGPIPE
+                        pass
+            except Exception as e:  # an unreadable (missing, truncated) shard: its unread samples count as skipped
+                lost = max(self.counts[i] - read, 1)
+                self._count_bad(lost if keep is None else -(-lost // slots), f"shard {self.shards[i]}", e)
 
     def _decode(self, raws, rngs):
         for raw, rng in zip(raws, rngs):
             try:
                 yield from self.sampler(raw, rng)
             except Exception as e:  # one unreadable sample must not end the epoch: count it and go on
-                self.skipped += 1
-                log.warning("skipping unreadable sample %s (%s): %s", raw.get("__key__"), raw.get("__url__"), e)
+                self._count_bad(1, f"sample {raw.get('__key__')} ({raw.get('__url__')})", e)
 
     def __iter__(self):
+        if get_worker_info() is not None:
+            # A scheduler's SIGTERM goes to the whole process group: the loader's workers keep serving until the
+            # trainer, which got it too, finishes its step and shuts them down (see zorro.preemption).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         slot, slots = _slot(self.rank, self.world)
         epoch, self.epoch = self.epoch, self.epoch + 1
         if not self.train:
@@ -279,18 +388,16 @@ class ShardStream(IterableDataset):
                 produced = True
                 yield sample
             if not produced and not (skip and rep == 0):
-                raise RuntimeError(f"slot {slot}/{slots} found no readable samples in {len(self.shards)} shards")
+                raise DataError(f"slot {slot}/{slots} found no readable samples in {len(self.shards)} shards")
 
 
 def tar_samples(urls: Iterable[str]) -> Iterator[dict]:
     """The samples of WebDataset tars, as webdataset's tarfile_samples gives them ({"__key__", "__url__",
-    extension: bytes}), opened with its gopen (paths, pipe:, http(s)), read ~5x faster: Python's tarfile in
+    extension: bytes}), opened like the training stream (open_shard), read ~5x faster: Python's tarfile in
     stream mode costs ~40 us per member, ~2 ms of a worker's CPU per clip of 60 frames, more than everything
     else a worker does when the frames decode on the device. ustar, GNU long names and pax headers."""
-    import webdataset as wds
-
     for url in urls:
-        with wds.gopen(url, "rb") as stream:
+        with open_shard(url) as stream:
             yield from _tar_samples(stream, url)
 
 
@@ -367,12 +474,13 @@ class ShardDataModule(pl.LightningDataModule):
                  test_split: str = "test", cv_fold: int | None = None,
                  modalities: Sequence[str] = ("audio", "video"), audio_seconds: float | None = None,
                  audio_align: str = "window_centre", pin_memory: bool = False, decode_on_device: bool | str = "auto",
-                 seed: int = 0):
+                 seed: int = 0, cache_dir: str | None = None, max_bad_fraction: float = 0.01):
         super().__init__()
         if decode_on_device not in ("auto", True, False):
             raise ValueError(f"decode_on_device must be auto, true or false, got {decode_on_device!r}")
         self.decode_on_device = decode_on_device
-        self.root = Path(root)
+        self.root = root if is_url(root) else Path(root)  # a folder or a URL (docs/cluster_training.md)
+        self.cache_dir, self.max_bad_fraction = cache_dir, max_bad_fraction
         self.manifest = read_manifest(root)
         self.info = DatasetInfo(num_classes=len(self.manifest["classes"]), multi_label=bool(self.manifest["multi_label"]),
                                 class_names=tuple(self.manifest["classes"]))
@@ -415,13 +523,13 @@ class ShardDataModule(pl.LightningDataModule):
         return _rank_world()
 
     def stream(self, stage: str) -> ShardStream:
-        shards = [str(self.root / s["name"]) for s in self._shards(stage)]
+        shards = [shard_url(self.root, s["name"]) for s in self._shards(stage)]
         counts = [s["num_samples"] for s in self._shards(stage)]
         rank, world = self._rank_world()
+        workers = max(1, self.num_workers)
         if stage != "train":
             return ShardStream(shards=shards, counts=counts, sampler=self._sampler("eval"), train=False, seed=self.seed,
-                               rank=rank, world=world)
-        workers = max(1, self.num_workers)
+                               rank=rank, world=world, workers=workers, cache_dir=self.cache_dir)
         slots = workers * world
         per_slot = samples_per_slot(counts, slots)  # no repeats within an epoch
         if self.epoch_length:  # a fixed epoch length (shorter, or longer with repeats)
@@ -429,7 +537,8 @@ class ShardDataModule(pl.LightningDataModule):
         per_slot = max(per_slot // self.batch_size, 1) * self.batch_size  # whole batches, equal everywhere
         stream = ShardStream(shards=shards, counts=counts, sampler=self._sampler("train"), train=True,
                            samples_per_slot=per_slot, length=per_slot * workers, shuffle_buffer=self.shuffle_buffer,
-                           seed=self.seed, rank=rank, world=world, batch_size=self.batch_size)
+                           seed=self.seed, rank=rank, world=world, batch_size=self.batch_size, workers=workers,
+                           cache_dir=self.cache_dir)
         if self._resume:  # continue the checkpoint's epoch where it stopped (see ShardStream._loop), or the next
             epoch, done = self._resume
             finished = done >= len(stream) // self.batch_size
@@ -454,13 +563,30 @@ class ShardDataModule(pl.LightningDataModule):
     # Lightning saves these in checkpoints and restores them before it builds the loaders.
     def state_dict(self) -> dict:
         trainer = self.trainer
-        if trainer is None or not trainer.training:
+        # During fit, including its validation (a preemption checkpoint can be written mid-validation); not
+        # for validate()/test() runs, which have no training stream to continue.
+        if trainer is None or trainer.state.fn != "fit":
             return {}
         return {"epoch": trainer.current_epoch,
                 "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = (state["epoch"], state["batches"]) if state.get("batches") else None
+
+    def skipped(self, stage: str = "train") -> int:
+        """Unreadable samples skipped so far by this process's `stage` stream (all its workers, all epochs)."""
+        stream = self._streams.get(stage)
+        return stream.skipped if stream is not None else 0
+
+    def check_skipped(self, skipped: int, epochs: int = 1) -> None:
+        """Fail when more than max_bad_fraction of this rank's `epochs` epochs was unreadable: a few bad clips in a
+        large dataset are skipped, a broken dataset is not silently trained on."""
+        stream = self._streams.get("train")
+        if stream is None or skipped <= self.max_bad_fraction * len(stream) * epochs:
+            return
+        raise DataError(f"{skipped} unreadable training samples in {epochs} epoch(s) of {len(stream)} samples on "
+                        f"this rank: more than data.max_bad_fraction={self.max_bad_fraction:g}; the warnings above "
+                        f"name them (re-run data_prep for those shards, or raise data.max_bad_fraction)")
 
     def _loader(self, stage: str):
         if not self.has_split(stage):
@@ -482,9 +608,10 @@ class ShardDataModule(pl.LightningDataModule):
             return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
         sampler = self.samplers["features"]
         rank, world = self._rank_world()
-        stream = ShardStream(shards=[str(self.root / s["name"]) for s in self._shards("train")],
+        stream = ShardStream(shards=[shard_url(self.root, s["name"]) for s in self._shards("train")],
                              counts=[s["num_samples"] for s in self._shards("train")], sampler=sampler, train=False,
-                             seed=self.seed, rank=rank, world=world)
+                             seed=self.seed, rank=rank, world=world, workers=max(1, self.num_workers),
+                             cache_dir=self.cache_dir)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def train_dataloader(self):

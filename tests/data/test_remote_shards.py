@@ -1,0 +1,114 @@
+"""Shards from a URL: a shard folder served by `python -m http.server` on 127.0.0.1, trained on and evaluated
+from http://127.0.0.1:PORT/ (streamed; with data.cache_dir each shard is fetched once); unreachable servers and
+missing manifests are one-line errors."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from zorro.config import ConfigError
+from zorro.data.shards import ShardDataModule, shard_url
+from zorro.run import evaluate, train
+
+from ..conftest import ROOT, compose_cfg, run_script
+from .conftest import make_clips, write_shards
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(url, request log) of an HTTP server for a shard folder; killed at the end."""
+    root = tmp_path_factory.mktemp("served")
+    clips = make_clips("tr", 8)
+    write_shards(root / "as", {"train": [clips[:4], clips[4:]], "val": [make_clips("va", 3)],
+                               "test": [make_clips("te", 3)]})
+    (root / "empty").mkdir()
+    port, log = free_port(), root / "requests.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                 "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, log.read_text()
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def gets(log, name: str) -> int:
+    return sum(f"GET /as/{name} " in line for line in log.read_text().splitlines())
+
+
+def test_shard_urls():
+    assert shard_url("/data/as2m", "train-000000.tar") == "/data/as2m/train-000000.tar"
+    assert shard_url("s3://bucket/as2m/", "manifest.json") == "s3://bucket/as2m/manifest.json"
+    assert shard_url("https://host/as2m", "a.tar") == "https://host/as2m/a.tar"
+    assert shard_url("pipe:aws s3 cp s3://b/as2m/{name} -", "a.tar") == "pipe:aws s3 cp s3://b/as2m/a.tar -"
+    with pytest.raises(ConfigError, match="placeholder"):
+        shard_url("pipe:cat /x/", "a.tar")
+
+
+def test_train_and_evaluate_from_an_http_server(server, tmp_path):
+    url, log = server
+    cfg = compose_cfg(overrides=["model=zorro_vit_tiny", "logger=none", "data=shards", f"data.root={url}/as/",
+                                 "data.num_workers=0", "data.batch_size=2", "trainer.max_epochs=2", "test=false"],
+                      output_dir=tmp_path / "run")
+    before = gets(log, "train-000000.tar")
+    metrics = train(cfg)
+    assert "train/loss" in metrics and "val/score" in metrics and metrics["data/skipped"] == 0
+    assert gets(log, "train-000000.tar") - before == 2  # streamed again each epoch: nothing kept locally
+
+    best = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    metrics = evaluate(compose_cfg("evaluate", overrides=[f"ckpt_path={best}"], output_dir=tmp_path / "eval"))
+    assert "test/audio_video/avg/top1" in metrics  # the test split, read from the checkpoint's URL
+    assert gets(log, "test-000000.tar") >= 1
+
+
+def test_a_cache_dir_fetches_each_shard_once(server, tmp_path):
+    url, log = server
+    dm = ShardDataModule(root=f"{url}/as", batch_size=2, num_workers=0, num_frames=4, image_size=32,
+                         sample_rate=16000, shuffle_buffer=0, cache_dir=str(tmp_path / "cache"))
+    before = gets(log, "train-000001.tar")
+    for _ in range(2):
+        keys = [k for batch in dm.train_dataloader() for k in batch["key"]]
+        assert sorted(keys) == [f"tr{i:02d}" for i in range(8)]
+    assert gets(log, "train-000001.tar") - before == 1
+    assert len(list((tmp_path / "cache").glob("*-train-00000?.tar"))) == 2
+
+
+@pytest.mark.parametrize("where,message", [("closed", "cannot read http://127.0.0.1:"),
+                                           ("empty", "/empty/manifest.json (FileNotFoundError")])
+def test_unreachable_url_or_missing_manifest_is_one_line(server, tmp_path, where, message):
+    url, _ = server
+    root = f"http://127.0.0.1:{free_port()}/as/" if where == "closed" else f"{url}/empty/"
+    proc = run_script(ROOT / "train.py", "model=zorro_vit_tiny", "logger=none", "data=shards", f"data.root={root}",
+                      f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error in config: cannot read") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_pipe_root_reads_manifest_and_shards_through_the_command(server, tmp_path):
+    url, log = server
+    dm = ShardDataModule(root=f"pipe:curl -s -f {url}/as/{{name}}", batch_size=2, num_workers=0, num_frames=4,
+                         image_size=32, sample_rate=16000, shuffle_buffer=0)
+    assert dm.info.class_names == ("cat", "dog", "bird")
+    keys = [k for batch in dm.train_dataloader() for k in batch["key"]]
+    assert sorted(keys) == [f"tr{i:02d}" for i in range(8)]
+    with pytest.raises(ConfigError, match="cannot read pipe:false"):
+        ShardDataModule(root="pipe:false {name}")
