@@ -95,30 +95,38 @@ class RoutedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, routing: Routing) -> torch.Tensor:
         B, N, C = x.shape
-        H = self.num_heads
-        qkv = self.qkv(x, layout).view(B, N, 3, H, C // H)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # B x H x N x d views
-        drop = self.attn_drop if self.training else 0.0
-        backend = self.backend(x.device, layout, routing)
-        if backend == "sdpa_slices":
-            calls = routing.attention_calls(layout)
-            if len(calls) == 1:  # one call covers every token: nothing to slice
-                (qs, qe), (ks, ke) = calls[0]
-                out = F.scaled_dot_product_attention(q, k[:, :, ks:ke], v[:, :, ks:ke], dropout_p=drop).transpose(1, 2)
-            else:  # each group writes its rows of one B x N x H x d buffer: no concatenation, one copy
-                out = qkv.new_empty(B, N, H, C // H)
-                for (qs, qe), (ks, ke) in calls:
-                    out[:, qs:qe] = F.scaled_dot_product_attention(
-                        q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], dropout_p=drop).transpose(1, 2)
-        elif backend == "dense_mask":
-            mask = _cached(("dense", routing.key, layout, x.device), lambda: routing.dense_mask(layout, x.device))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop).transpose(1, 2)
-        else:
-            if drop:
-                raise ValueError("attention_backend 'flex' has no attention dropout")
-            mask = _cached(("flex", routing.key, layout, x.device), lambda: flex_block_mask(routing, layout, x.device))
-            out = _flex_attention(x.device)(q, k, v, block_mask=mask).transpose(1, 2)
+        q, k, v = self.qkv(x, layout).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = routed_attention(q, k, v, layout, routing, backend=self.backend(x.device, layout, routing),
+                               dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.reshape(B, N, C), layout))
+
+
+def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, routing: Routing, *,
+                     backend: str, dropout_p: float = 0.0) -> torch.Tensor:
+    """The attention core: q, k, v (B x heads x N x d) -> B x N x heads x d (the layout the output projection
+    reads), each query reading the keys `routing` allows, with one of the concrete backends (see RoutedAttention)."""
+    B, H, N, d = q.shape
+    if backend == "sdpa_slices":
+        calls = routing.attention_calls(layout)
+        if len(calls) == 1:  # one call covers every token: nothing to slice
+            (qs, qe), (ks, ke) = calls[0]
+            return F.scaled_dot_product_attention(q, k[:, :, ks:ke], v[:, :, ks:ke], dropout_p=dropout_p).transpose(1, 2)
+        out = q.new_empty(B, N, H, d)  # each group writes its rows of one buffer: no concatenation, one copy
+        for (qs, qe), (ks, ke) in calls:
+            out[:, qs:qe] = F.scaled_dot_product_attention(
+                q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], dropout_p=dropout_p).transpose(1, 2)
+        return out
+    if backend == "dense_mask":
+        mask = _cached(("dense", routing.key, layout, q.device), lambda: routing.dense_mask(layout, q.device))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p).transpose(1, 2)
+    if backend != "flex":
+        raise ValueError(f"unknown attention backend {backend!r}; use one of {ATTENTION_BACKENDS[1:]}")
+    if dropout_p:
+        raise ValueError("attention_backend 'flex' has no attention dropout")
+    mask = _cached(("flex", routing.key, layout, q.device), lambda: flex_block_mask(routing, layout, q.device))
+    if q.device.type == "cpu" and torch.compiler.is_compiling():  # inductor's CPU flex refuses views of one buffer
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _flex_attention(q.device)(q, k, v, block_mask=mask).transpose(1, 2)
 
 
 _MASKS: dict = {}
