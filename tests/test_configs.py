@@ -89,3 +89,16 @@ def test_custom_masking_from_the_command_line_trains(tmp_path):
                       output_dir=tmp_path)
     with pytest.raises(InstantiationException, match=r"group 'audio' must read itself"):
         instantiate(bad.model)
+
+
+def test_gpu_trainers_compile_by_default(tmp_path):
+    from zorro.run import compile_wanted
+
+    def wanted(*overrides):
+        return compile_wanted(compose_cfg(overrides=["debug=tiny", *overrides], output_dir=tmp_path))
+
+    assert wanted("trainer=gpu") and wanted("trainer=ddp")
+    assert not wanted("trainer=gpu", "compile=false") and not wanted("trainer=cpu") and not wanted("trainer=tpu")
+    assert wanted("trainer=cpu", "compile=true")
+    with pytest.raises(ConfigError, match="compile: expected true, false or auto"):
+        wanted("compile=yes")
