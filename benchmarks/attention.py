@@ -3,7 +3,7 @@
 The baseline is the masked layer: the same QKV / output projection and one `F.scaled_dot_product_attention`
 call with the N x N boolean mask of the routing table (a fair baseline: SDPA with a boolean mask, not an explicit
 softmax; it is RoutedAttention's `dense_mask` backend). Every other backend available on the device is timed
-against it, forward + backward (median), as the whole layer and as the attention core alone (given q, k, v),
+against it, forward + backward (the variants run in turn; median of the paired ratios), as the whole layer and as the attention core alone (given q, k, v),
 next to the FLOP limits the routing allows (computed from the token counts). The measured code is the model's
 own (`RoutedAttention`, `layers.routed_attention`). Not a test.
 
@@ -32,17 +32,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn, reps: int, device: str, warmup: int = 2) -> float:
-    for _ in range(warmup):  # kernel selection, compilation, allocator
-        fn()
+def timed(fn, device: str) -> float:
+    t0 = time.perf_counter()
+    fn()
     sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return time.perf_counter() - t0
+
+
+def interleaved_times(fns: dict, reps: int, device: str, warmup: int = 2) -> dict:
+    """{name: (median s, median of the paired ratios first-fn time / this time)}. The functions run in turn, so a
+    load that drifts (a shared machine) slows them alike and the ratios stay honest."""
+    for _ in range(warmup):  # kernel selection, compilation, allocator
+        for fn in fns.values():
+            fn()
+    sync(device)
+    runs = [{name: timed(fn, device) for name, fn in fns.items()} for _ in range(reps)]
+    base = next(iter(fns))
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {name: (median([r[name] for r in runs]), median([r[base] / r[name] for r in runs])) for name in fns}
 
 
 def fwd_bwd(fn, inp):
@@ -128,35 +135,34 @@ def run(args, dtype_name: str) -> None:
                 diff = (layers[b](x, layout, routing).float() - ref).abs().max().item()
                 print(f"  max |{b} - {BASELINE}| = {diff:.2e}")
 
-    rows = []  # (what, backend, seconds, baseline seconds, limit)
+    rows = []  # (what, backend, baseline s, routed s, median paired speed-up, FLOP limit)
     for mode in ("fwd+bwd", "fwd"):
         todo = [b for b in backends if (trains[b] if mode == "fwd+bwd" else not trains[b])]
         if not todo:
             continue
         make = fwd_bwd if mode == "fwd+bwd" else fwd_only
-        base_layer = median_time(make(layer_fn(BASELINE), x), args.reps, device)
-        base_core = median_time(make(core_fn(BASELINE), qkv), args.reps, device)
-        for b in todo:
-            if b == BASELINE:
+        layer = {b: make(layer_fn(b), x) for b in [BASELINE, *todo] if not (b == "flex" and device == "cpu")}
+        if mode == "fwd+bwd" and "sdpa_slices" in todo and not args.skip_before:
+            layer["slices+cat (before)"] = make(lambda t: previous_layer(layers[BASELINE], t, layout, routing), x)
+        core = {b: make(core_fn(b), qkv) for b in [BASELINE, *todo]}
+        for what, fns, limit in ((f"whole layer, {mode}", layer, layer_d / layer_r),
+                                 (f"attention core, {mode}", core, core_d / core_r)):
+            if len(fns) < 2:
                 continue
-            if not (b == "flex" and device == "cpu"):
-                rows.append((f"whole layer, {mode}", b, median_time(make(layer_fn(b), x), args.reps, device),
-                             base_layer, layer_d / layer_r))
-            rows.append((f"attention core, {mode}", b, median_time(make(core_fn(b), qkv), args.reps, device),
-                         base_core, core_d / core_r))
-        if mode == "fwd+bwd" and "sdpa_slices" in todo:
-            t = median_time(make(lambda t: previous_layer(layers[BASELINE], t, layout, routing), x), args.reps, device)
-            rows.append((f"whole layer, {mode}", "slices+cat (before)", t, base_layer, layer_d / layer_r))
+            times = interleaved_times(fns, args.reps, device)
+            for b, (t, ratio) in times.items():
+                if b != BASELINE:
+                    rows.append((what, b, times[BASELINE][0], t, ratio, limit))
     rows.sort(key=lambda r: (r[0], r[1]))
-    print(f"{'ms':24}{'backend':>20}{'masked':>10}{'routed':>10}{'speed-up':>10}{'FLOP limit':>12}")
-    for what, b, t, base, limit in rows:
-        print(f"{what:24}{b:>20}{base * 1e3:10.1f}{t * 1e3:10.1f}{base / t:9.2f}x{limit:11.3f}x")
+    print(f"{'ms (median)':24}{'backend':>20}{'masked':>10}{'routed':>10}{'speed-up':>10}{'FLOP limit':>12}")
+    for what, b, base, t, ratio, limit in rows:
+        print(f"{what:24}{b:>20}{base * 1e3:10.1f}{t * 1e3:10.1f}{ratio:9.2f}x{limit:11.3f}x")
     if device == "cuda":
         peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
         key = next((k for k in peak if k in name), None)
-        best = min((r for r in rows if r[0] == "whole layer, fwd+bwd"), key=lambda r: r[2], default=None)
+        best = min((r for r in rows if r[0] == "whole layer, fwd+bwd"), key=lambda r: r[3], default=None)
         if key and dtype_name == "bf16" and best:
-            print(f"fastest routed layer ({best[1]}) MFU: {100 * 3 * layer_r / best[2] / peak[key]:.1f}% of {key} "
+            print(f"fastest routed layer ({best[1]}) MFU: {100 * 3 * layer_r / best[3] / peak[key]:.1f}% of {key} "
                   f"dense bf16 peak")
 
 
@@ -172,6 +178,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="comma-separated: fp32,bf16 (default: bf16 on CUDA, both on CPU)")
+    p.add_argument("--skip-before", action="store_true", help="skip the previous slices+cat layer row")
     p.add_argument("--cpu-flex", action="store_true", help="CPU: also time FlexAttention (forward only, compiled)")
     args = p.parse_args()
     for i, dtype in enumerate((args.dtype or ("bf16" if args.device == "cuda" else "fp32,bf16")).split(",")):
