@@ -9,6 +9,7 @@ own (`RoutedAttention`, `layers.routed_attention`). Not a test.
 
     python benchmarks/attention.py                         # CUDA: bf16, batch 8; CPU: fp32 then bf16
     python benchmarks/attention.py --batch 2 --dtype fp32 --masking bottleneck
+    python benchmarks/attention.py --mode forward          # inference: forward only
 
 torch's FlexAttention has no backward on CPU, so on CPU the flex rows are forward-only and opt-in
 (`--cpu-flex`: compiling it takes ~1 min on a small CPU).
@@ -137,7 +138,9 @@ def run(args, dtype_name: str) -> None:
 
     rows = []  # (what, backend, baseline s, routed s, median paired speed-up, FLOP limit)
     for mode in ("fwd+bwd", "fwd"):
-        todo = [b for b in backends if (trains[b] if mode == "fwd+bwd" else not trains[b])]
+        if mode == "fwd+bwd" and args.mode == "forward":
+            continue
+        todo = [b for b in backends if (trains[b] if mode == "fwd+bwd" else args.mode != "train" or not trains[b])]
         if not todo:
             continue
         make = fwd_bwd if mode == "fwd+bwd" else fwd_only
@@ -178,6 +181,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="comma-separated: fp32,bf16 (default: bf16 on CUDA, both on CPU)")
+    p.add_argument("--mode", default="train", choices=["train", "forward", "both"],
+                   help="time forward + backward (train), forward only (inference), or both")
     p.add_argument("--skip-before", action="store_true", help="skip the previous slices+cat layer row")
     p.add_argument("--cpu-flex", action="store_true", help="CPU: also time FlexAttention (forward only, compiled)")
     args = p.parse_args()

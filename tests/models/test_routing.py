@@ -53,6 +53,8 @@ def test_bad_tables_are_rejected():
         Routing.from_masking("zorro", {"audio": ["audio"], "video": ["video"]})
     with pytest.raises(ValueError, match="no 'fusion' tokens"):
         Routing.from_masking("two_streams").attention_calls(LAYOUT)
+    with pytest.raises(ValueError, match="no 'fusion' tokens"):
+        Routing.from_masking("two_streams").dense_mask(LAYOUT)
 
 
 def test_custom_tables_may_be_non_contiguous_but_not_sliced():

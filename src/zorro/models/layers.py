@@ -51,8 +51,9 @@ class RoutedAttention(nn.Module):
     """Multi-head self-attention in which each query group reads only the key groups its routing allows.
 
     attention_backend (all exact, same parameters, chosen per call):
-        sdpa_slices: one SDPA call per contiguous query group on its key slice, written into one output buffer
-            (no mask tensor; needs every read set to be contiguous in token order).
+        sdpa_slices: one SDPA call per contiguous query group on its key slice, the pieces concatenated
+            straight into the projection's token-major layout (no mask tensor; needs every read set to be
+            contiguous in token order).
         flex: one FlexAttention call per layer with a block mask built from the routing table, compiled
             (tiles that no query of the tile may read are skipped). CUDA; on CPU torch runs it eagerly and
             without a backward pass (inference and tests only). No attention dropout.
@@ -105,17 +106,17 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
                      backend: str, dropout_p: float = 0.0) -> torch.Tensor:
     """The attention core: q, k, v (B x heads x N x d) -> B x N x heads x d (the layout the output projection
     reads), each query reading the keys `routing` allows, with one of the concrete backends (see RoutedAttention)."""
-    B, H, N, d = q.shape
     if backend == "sdpa_slices":
         calls = routing.attention_calls(layout)
         if len(calls) == 1:  # one call covers every token: nothing to slice
             (qs, qe), (ks, ke) = calls[0]
             return F.scaled_dot_product_attention(q, k[:, :, ks:ke], v[:, :, ks:ke], dropout_p=dropout_p).transpose(1, 2)
-        out = q.new_empty(B, N, H, d)  # each group writes its rows of one buffer: no concatenation, one copy
-        for (qs, qe), (ks, ke) in calls:
-            out[:, qs:qe] = F.scaled_dot_product_attention(
-                q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], dropout_p=dropout_p).transpose(1, 2)
-        return out
+        # Concatenating the transposed pieces along the tokens is the one copy the projection's B x N x C layout
+        # needs anyway (cat on heads-first outputs, then transposing, copied twice). Writing into a preallocated
+        # buffer instead measured slower: autograd clones the whole buffer's gradient per in-place write.
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke],
+                                                         dropout_p=dropout_p).transpose(1, 2)
+                          for (qs, qe), (ks, ke) in calls], dim=1)
     if backend == "dense_mask":
         mask = _cached(("dense", routing.key, layout, q.device), lambda: routing.dense_mask(layout, q.device))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p).transpose(1, 2)
@@ -170,6 +171,7 @@ def flex_block_mask(routing: Routing, layout: TokenLayout, device, block_size: i
     """
     from torch.nn.attention.flex_attention import BlockMask
 
+    routing.check_layout(layout)
     G, n = len(GROUPS), layout.total
     nb = -(-n // block_size)
     group = torch.full((nb * block_size,), G, dtype=torch.long, device=device)

@@ -143,10 +143,9 @@ class Routing:
 
         Adjacent query groups that read the same key slice share one call (input_level: a single call).
         """
+        self.check_layout(layout)
         calls: list[tuple[tuple[int, int], tuple[int, int]]] = []
         for group, start, end in layout.spans():
-            if group not in self.reads:
-                raise ValueError(f"masking {self.name!r} has no {group!r} tokens, but the input has {end - start}")
             try:
                 keys = layout.key_span(self.reads[group])
             except ValueError:
@@ -159,6 +158,12 @@ class Routing:
                 calls.append(((start, end), keys))
         return calls
 
+    def check_layout(self, layout: TokenLayout) -> None:
+        """Every group with tokens must have a row (two_streams has no fusion latents to route)."""
+        for group, start, end in layout.spans():
+            if group not in self.reads:
+                raise ValueError(f"masking {self.name!r} has no {group!r} tokens, but the input has {end - start}")
+
     def attended_pairs(self, layout: TokenLayout) -> int:
         """(query, key) pairs the routing lets attend: the attention-core work of any exact backend."""
         lengths = dict(zip(GROUPS, layout.lengths))
@@ -168,6 +173,7 @@ class Routing:
         """The equivalent N x N boolean mask (True = may attend); the reference the tests compare with."""
         import torch
 
+        self.check_layout(layout)
         mask = torch.zeros(layout.total, layout.total, dtype=torch.bool, device=device)
         for group, start, end in layout.spans():
             for key_group in self.reads[group]:
