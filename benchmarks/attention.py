@@ -3,9 +3,9 @@
 The baseline is the masked layer: the same QKV / output projection and one `F.scaled_dot_product_attention`
 call with the N x N boolean mask of the routing table (a fair baseline: SDPA with a boolean mask, not an explicit
 softmax; it is RoutedAttention's `dense_mask` backend). Every other backend available on the device is timed
-against it, forward + backward (the variants run in turn; median of the paired ratios), as the whole layer and as the attention core alone (given q, k, v),
-next to the FLOP limits the routing allows (computed from the token counts). The measured code is the model's
-own (`RoutedAttention`, `layers.routed_attention`). Not a test.
+against it, forward + backward (the variants run in turn; median of the paired ratios), as the whole layer and
+as the attention core alone (given q, k, v), next to the FLOP limits the routing allows (computed from the token
+counts). The measured code is the model's own (`RoutedAttention`, `layers.routed_attention`). Not a test.
 
     python benchmarks/attention.py                         # CUDA: bf16, batch 8; CPU: fp32 then bf16
     python benchmarks/attention.py --batch 2 --dtype fp32 --masking bottleneck

@@ -152,7 +152,8 @@ def main() -> None:
     p.add_argument("--find-max-batch", action="store_true", help="CUDA: search the largest batch that fits")
     p.add_argument("--shards", default=None, help="feed real batches from these shards and time the data wait")
     p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--profile", action="store_true", help="torch.profiler over a few steps: top kernels, non-matmul share")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over a few steps: top kernels, non-matmul share")
     p.add_argument("--profile-steps", type=int, default=3)
     args = p.parse_args()
 

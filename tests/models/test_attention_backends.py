@@ -39,7 +39,8 @@ def test_flex_over_many_tiles_equals_sdpa_with_the_mask(name, flex_backward_on_c
     layout = LAYOUT if routing.has_fusion else TokenLayout.of(audio=13, video=21)
     q, k, v = torch.randn(3, 2, 2, layout.total, 8, dtype=torch.double).unbind(0)
     grads = []
-    for fn in (lambda q, k, v: flex_attention(q, k, v, block_mask=flex_block_mask(routing, layout, "cpu", block_size=8)),
+    block_mask = flex_block_mask(routing, layout, "cpu", block_size=8)
+    for fn in (lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask),
                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=routing.dense_mask(layout))):
         t = [x.clone().requires_grad_(True) for x in (q, k, v)]
         out = fn(*t)

@@ -110,7 +110,8 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         calls = routing.attention_calls(layout)
         if len(calls) == 1:  # one call covers every token: nothing to slice
             (qs, qe), (ks, ke) = calls[0]
-            return F.scaled_dot_product_attention(q, k[:, :, ks:ke], v[:, :, ks:ke], dropout_p=dropout_p).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k[:, :, ks:ke], v[:, :, ks:ke], dropout_p=dropout_p)
+            return out.transpose(1, 2)
         # Concatenating the transposed pieces along the tokens is the one copy the projection's B x N x C layout
         # needs anyway (cat on heads-first outputs, then transposing, copied twice). Writing into a preallocated
         # buffer instead measured slower: autograd clones the whole buffer's gradient per in-place write.

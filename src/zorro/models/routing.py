@@ -106,7 +106,8 @@ class Routing:
 
     def __post_init__(self):
         if not isinstance(self.reads, Mapping) or not self.reads:
-            raise ValueError(f"routing table must be a non-empty mapping {{query group: [key groups]}}, got {self.reads!r}")
+            raise ValueError(f"routing table must be a non-empty mapping {{query group: [key groups]}}, "
+                             f"got {self.reads!r}")
         reads = {}
         for q, keys in self.reads.items():
             keys = (keys,) if isinstance(keys, str) else tuple(keys)
@@ -149,9 +150,9 @@ class Routing:
             try:
                 keys = layout.key_span(self.reads[group])
             except ValueError:
-                raise ValueError(f"masking {self.name!r}: {group!r} reads {list(self.reads[group])}, not one contiguous "
-                                 f"slice of {GROUPS}; per-slice attention cannot run it, use attention_backend "
-                                 f"flex or dense_mask (auto picks one)") from None
+                raise ValueError(f"masking {self.name!r}: {group!r} reads {list(self.reads[group])}, not one "
+                                 f"contiguous slice of {GROUPS}; per-slice attention cannot run it, use "
+                                 f"attention_backend flex or dense_mask (auto picks one)") from None
             if calls and calls[-1][1] == keys and calls[-1][0][1] == start:
                 calls[-1] = ((calls[-1][0][0], end), keys)
             else:

@@ -59,7 +59,8 @@ class ZorroViT(nn.Module):
         super().__init__()
         self.routing = Routing.from_masking(masking, masking_reads)
         if not {"audio", "video"} <= set(self.routing.reads):
-            raise ValueError(f"masking {masking!r}: the routing table needs audio and video rows, got {dict(self.routing.reads)}")
+            raise ValueError(f"masking {masking!r}: the routing table needs audio and video rows, "
+                             f"got {dict(self.routing.reads)}")
         if missing_modality not in MISSING_MODALITY:
             raise ValueError(f"missing_modality must be one of {MISSING_MODALITY}, got {missing_modality!r}")
         if not 0 <= fusion_level < depth:
