@@ -6,12 +6,15 @@ SHARDS=${1:-}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__)"
-echo "== routed vs dense-mask attention (ViT-B token counts)"
+echo "== routed vs dense-mask attention (ViT-B token counts, bf16, batch 8): sdpa_slices, flex (compiled), dense_mask"
 python benchmarks/attention.py --batch 8 --reps 20
 echo "== Zorro-ViT-B training step, bf16, eager; largest batch"
 python benchmarks/train_step.py --batch 64 --steps 20 --find-max-batch
-echo "== the same with torch.compile"
+echo "== the same with torch.compile (what trainer=gpu does): flex attention (auto), then per-group SDPA slices"
 python benchmarks/train_step.py --batch 64 --steps 20 --compile
+python benchmarks/train_step.py --batch 64 --steps 20 --compile --attention-backend sdpa_slices
+echo "== where the compiled step's time goes (top kernels, non-matmul share; for docs/benchmarks.md)"
+python benchmarks/train_step.py --batch 64 --steps 5 --compile --profile
 if [ -n "$SHARDS" ]; then
   echo "== data wait with the shard DataModule feeding the GPU"
   python benchmarks/train_step.py --batch 64 --steps 30 --shards "$SHARDS" --workers 12

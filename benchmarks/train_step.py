@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                       # GPU: ViT-B, 8 x 224^2 frames + 2.56 s of 48 kHz audio, bf16
     python benchmarks/train_step.py --model zorro_vit_tiny --batch 8   # a quick CPU run
     python benchmarks/train_step.py --shards DIR          # + the fraction of step time spent waiting for data
+    python benchmarks/train_step.py --compile --profile   # + torch.profiler: top kernels, non-matmul share
 
 MFU = model FLOPs per second / the hardware's peak. Model FLOPs are counted analytically (patch embeddings,
 QKV/projection/MLP matmuls, the attention pairs the routing actually computes, the decoder), x3 for
@@ -38,7 +39,7 @@ def model_flops_per_clip(model, layout: TokenLayout, routing: Routing) -> float:
     a_len, f_len, v_len = layout.lengths
     p = model.video_embed.patch_size
     embed = 2 * (a_len * p * p * 1 + v_len * p * p * 3) * D
-    pairs = sum((qe - qs) * (ke - ks) for (qs, qe), (ks, ke) in routing.attention_calls(layout))
+    pairs = routing.attended_pairs(layout)
     per_block = 2 * n * (4 * D * D + 2 * D * hidden) + 4 * pairs * D
     decoder = 2 * n * 2 * D * D + 2 * 4 * (n * D * 2)
     return embed + blocks * per_block + decoder
@@ -73,6 +74,48 @@ def step_fn(task, optimizer, device, dtype):
     return step
 
 
+MATMUL = ("gemm", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "cutlass",
+          "xmma", "nvjet", "cublas", "mkldnn_convolution", "aten::convolution", "conv2d", "mkl")
+ATTENTION = ("flash", "attention", "flex", "fmha", "sdpa")
+
+
+def profile_steps(step, data, device, steps: int, top: int = 15) -> None:
+    """torch.profiler over `steps` training steps: the top kernels (GPU) / operators (CPU) by self time, and how
+    the time splits between matmuls, attention kernels and everything else (the memory-bound work that compile
+    fuses: LayerNorm, GELU, casts, copies, the optimizer)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(data)
+        sync(device)
+    if device.type == "cuda":
+        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                  if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+        what = "GPU kernels"
+    else:  # CPU: operators' own time (children excluded)
+        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()
+                  if e.self_cpu_time_total > 0 and not e.key.startswith("ProfilerStep")]
+        what = "CPU operators"
+    total = sum(t for _, t, _ in events) or 1.0
+
+    def kind(name: str) -> str:
+        low = name.lower()
+        if any(k in low for k in ATTENTION):
+            return "attention"
+        return "matmul" if any(k in low for k in MATMUL) else "other"
+
+    print(f"profile of {steps} steps: top {top} {what} by self time (total {total / 1e3 / steps:.1f} ms/step)")
+    print(f"{'share':>7} {'ms/step':>9} {'calls':>6}  kind       name")
+    for name, t, count in sorted(events, key=lambda e: -e[1])[:top]:
+        print(f"{100 * t / total:6.1f}% {t / 1e3 / steps:9.2f} {count // steps:6d}  {kind(name):10} {name[:90]}")
+    shares = {k: sum(t for n, t, _ in events if kind(n) == k) / total for k in ("matmul", "attention", "other")}
+    print(f"time share: matmul {100 * shares['matmul']:.1f}%, attention {100 * shares['attention']:.1f}%, "
+          f"non-matmul (everything but matmul and attention) {100 * shares['other']:.1f}%")
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -103,6 +146,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention-backend", default="auto", help="auto | sdpa_slices | flex | dense_mask")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--find-max-batch", action="store_true", help="CUDA: search the largest batch that fits")
@@ -110,6 +154,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--decode-on-device", action="store_true", help="with --shards: JPEG frames decoded and augmented "
                    "on the device (data.decode_on_device; counted in the step time)")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over a few steps: top kernels, non-matmul share")
+    p.add_argument("--profile-steps", type=int, default=3)
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -120,7 +167,8 @@ def main() -> None:
     num_classes = 527  # AudioSet heads
 
     def build():
-        model = create_model(name, masking=args.masking, grad_checkpointing=args.grad_checkpointing)
+        model = create_model(name, masking=args.masking, grad_checkpointing=args.grad_checkpointing,
+                             attention_backend=args.attention_backend)
         task = SupervisedTask(backbone=model, dataset=DatasetInfo(num_classes=num_classes, multi_label=False),
                               optimizer=functools.partial(torch.optim.AdamW, lr=1e-4), mixup_alpha=0.0).to(device)
         if args.compile:
@@ -152,7 +200,9 @@ def main() -> None:
     else:
         peak = cpu_peak_flops(dtype)
         where = f"CPU, {torch.get_num_threads()} threads (measured {dtype} matmul peak {peak / 1e9:.0f} GFLOP/s)"
-    print(f"{name} ({count_parameters(model) / 1e6:.1f}M params, masking {args.masking}), {layout.total} tokens/clip, "
+    backend = model.blocks[0].attn.backend(device, layout, model.routing)
+    print(f"{name} ({count_parameters(model) / 1e6:.1f}M params, masking {args.masking}, attention {backend}, "
+          f"{'compiled' if args.compile else 'eager'}), {layout.total} tokens/clip, "
           f"batch {batch}, {str(dtype).split('.')[-1]}, torch {torch.__version__}, on {where}")
     print(f"training step: {dt * 1e3:.1f} ms, {clips_s:.2f} clips/s, {flops_clip / 1e9:.1f} GFLOP/clip (fwd+bwd)")
     if peak:
@@ -164,6 +214,8 @@ def main() -> None:
             torch.cuda.empty_cache()
             print(f"largest batch that fits: {largest_batch(build, device, batch)}")
             task, opt, step = build()
+    if args.profile:
+        profile_steps(step, data, device, args.profile_steps)
     if args.shards:
         from zorro.data.device import decode_on_device
         from zorro.data.shards import ShardDataModule

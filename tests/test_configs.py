@@ -70,3 +70,35 @@ def test_config_checks_give_one_line_errors(tmp_path):
         check_config(compose_cfg(overrides=["+model.deph=3"], output_dir=tmp_path))
     with pytest.raises(ConfigError, match=r"missing value for data.root"):
         check_config(compose_cfg(overrides=["data=shards"], output_dir=tmp_path))
+
+
+def test_custom_masking_from_the_command_line_trains(tmp_path):
+    """masking=custom with a non-contiguous table (audio reads video): composed, checked, one fast_dev_run step."""
+    from hydra.errors import InstantiationException
+
+    from zorro.run import train
+
+    reads = "masking.reads={audio:[audio,video],fusion:[audio,fusion,video],video:[video]}"
+    cfg = compose_cfg(overrides=["debug=tiny", "trainer.fast_dev_run=true", "masking=custom", reads],
+                      output_dir=tmp_path)
+    check_config(cfg)
+    backbone = instantiate(cfg.model)
+    assert backbone.routing.name == "custom" and backbone.routing.reads["audio"] == ("audio", "video")
+    train(cfg)
+    bad = compose_cfg(overrides=["debug=tiny", "masking=custom", "masking.reads={audio:[video],video:[video]}"],
+                      output_dir=tmp_path)
+    with pytest.raises(InstantiationException, match=r"group 'audio' must read itself"):
+        instantiate(bad.model)
+
+
+def test_gpu_trainers_compile_by_default(tmp_path):
+    from zorro.run import compile_wanted
+
+    def wanted(*overrides):
+        return compile_wanted(compose_cfg(overrides=["debug=tiny", *overrides], output_dir=tmp_path))
+
+    assert wanted("trainer=gpu") and wanted("trainer=ddp")
+    assert not wanted("trainer=gpu", "compile=false") and not wanted("trainer=cpu") and not wanted("trainer=tpu")
+    assert wanted("trainer=cpu", "compile=true")
+    with pytest.raises(ConfigError, match="compile: expected true, false or auto"):
+        wanted("compile=yes")

@@ -58,7 +58,7 @@ def build_task(cfg: DictConfig):
         log.info("%s: %s", cfg.pretrained, backbone.load_pretrained(cfg.pretrained))
     if cfg.get("init_from"):  # fine-tuning: the backbone of a train.py checkpoint (e.g. CAV-MAE pre-training)
         log.info("%s: %s", cfg.init_from, init_backbone(backbone, cfg.init_from))
-    if cfg.get("compile"):
+    if compile_wanted(cfg):
         backbone.compile()
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     task = instantiate(cfg.task, backbone=backbone, dataset=datamodule.info, optimizer=instantiate(cfg.optimizer),
@@ -68,6 +68,17 @@ def build_task(cfg: DictConfig):
     if cfg.get("paths") and cfg.paths.get("output_dir"):
         task.report_dir = str(Path(cfg.paths.output_dir) / "reports")
     return datamodule, task
+
+
+def compile_wanted(cfg: DictConfig) -> bool:
+    """`compile`: true/false, or auto = compile on a GPU trainer (what pays there: fused elementwise work, one
+    FlexAttention kernel per layer), not on CPU (compiling costs more than it saves in short runs) nor TPU."""
+    value = cfg.get("compile", False)
+    if value == "auto":
+        return str(cfg.get("trainer", {}).get("accelerator", "")) in ("gpu", "cuda")
+    if not isinstance(value, bool):
+        raise ConfigError(f"compile: expected true, false or auto, got {value!r}")
+    return value
 
 
 def init_backbone(backbone, path: str):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from zorro.models import MASKINGS, zorro_vit_tiny
-from zorro.models.layers import Groupwise, OutputDecoder, RoutedAttention, resample_pos_embed
+from zorro.models.layers import ATTENTION_BACKENDS, Groupwise, OutputDecoder, RoutedAttention, resample_pos_embed
 from zorro.models.routing import Routing, TokenLayout
 
 from .reference import dense_mask_attention, use_dense_mask_attention
@@ -15,13 +15,27 @@ def inputs(batch=2, seed=0):
     return audio, video
 
 
+BACKENDS = [b for b in ATTENTION_BACKENDS if b != "auto"]
+
+
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """torch refuses FlexAttention's backward on CPU (its compiled CPU kernel has none); its eager path does have
+    one (the reference math over the same block mask), which is what checks our mask_mod and block tables here.
+    On CUDA the compiled kernel computes the same function (torch's own tests)."""
+    import torch.nn.attention.flex_attention as flex
+
+    monkeypatch.setattr(flex, "_validate_device", lambda *args: None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("separate", [False, True])
 @pytest.mark.parametrize("masking", sorted(MASKINGS))
-def test_routed_attention_equals_dense_mask(masking, separate):
+def test_routed_attention_equals_dense_mask(masking, separate, backend, flex_backward_on_cpu):
     torch.manual_seed(0)
     routing = Routing.from_masking(masking)
     layout = TokenLayout.of(audio=6, fusion=3 if routing.has_fusion else 0, video=9)
-    attn = RoutedAttention(dim=32, num_heads=4, separate_weights=separate).double()
+    attn = RoutedAttention(dim=32, num_heads=4, separate_weights=separate, attention_backend=backend).double()
     x = torch.randn(2, layout.total, 32, dtype=torch.double, requires_grad=True)
     out = attn(x, layout, routing)
     (gx,) = torch.autograd.grad(out.square().sum(), x)
@@ -32,14 +46,17 @@ def test_routed_attention_equals_dense_mask(masking, separate):
     torch.testing.assert_close(gx, gx_ref)
 
 
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
 @pytest.mark.parametrize("fusion_level", [0, 2])
 @pytest.mark.parametrize("masking", sorted(MASKINGS))
-def test_model_equals_dense_mask_reference(masking, fusion_level):
-    """The whole backbone (outputs and parameter gradients) against the dense-mask implementation."""
+def test_model_equals_dense_mask_reference(masking, fusion_level, backend, flex_backward_on_cpu):
+    """The whole backbone (outputs and parameter gradients), each attention backend, against the dense-mask
+    implementation (explicit softmax, tests/models/reference.py)."""
     if masking == "two_streams" and fusion_level:
         pytest.skip("two_streams has no fusion latents")
     torch.manual_seed(0)
-    model = zorro_vit_tiny(masking=masking, fusion_level=fusion_level, spec_augment=False).double().eval()
+    model = zorro_vit_tiny(masking=masking, fusion_level=fusion_level, spec_augment=False,
+                           attention_backend=backend).double().eval()
     audio, video = inputs()
 
     def run():

@@ -37,12 +37,50 @@ def test_zorro_mask_is_eq1():
 def test_bad_tables_are_rejected():
     with pytest.raises(ValueError, match="unknown masking"):
         Routing.from_masking("zoro")
-    with pytest.raises(ValueError, match="not contiguous"):
-        Routing(reads={"audio": ("audio", "video"), "fusion": GROUPS, "video": ("video",)})
     with pytest.raises(ValueError, match="read itself"):
         Routing(reads={"audio": ("video",), "video": ("video",)})
+    with pytest.raises(ValueError, match="outside"):
+        Routing(reads={"audio": ("audio", "text"), "video": ("video",)})
+    with pytest.raises(ValueError, match="outside"):
+        Routing(reads={"text": ("text",), "video": ("video",)})
+    with pytest.raises(ValueError, match="non-empty"):
+        Routing(reads={})
+    with pytest.raises(ValueError, match="no row"):  # reads fusion, but the table has no fusion tokens
+        Routing(reads={"audio": ("audio", "fusion"), "video": ("video",)})
+    with pytest.raises(ValueError, match="needs a routing table"):
+        Routing.from_masking("custom")
+    with pytest.raises(ValueError, match="only used with masking 'custom'"):
+        Routing.from_masking("zorro", {"audio": ["audio"], "video": ["video"]})
     with pytest.raises(ValueError, match="no 'fusion' tokens"):
         Routing.from_masking("two_streams").attention_calls(LAYOUT)
+    with pytest.raises(ValueError, match="no 'fusion' tokens"):
+        Routing.from_masking("two_streams").dense_mask(LAYOUT)
+
+
+def test_custom_tables_may_be_non_contiguous_but_not_sliced():
+    reads = {"audio": ["audio", "video"], "fusion": ["audio", "fusion", "video"], "video": ["video"]}
+    routing = Routing.from_masking("custom", reads)
+    assert routing.name == "custom" and routing.reads["audio"] == ("audio", "video")
+    assert not routing.is_contiguous(LAYOUT)
+    with pytest.raises(ValueError, match="not one contiguous slice.*flex or dense_mask"):
+        routing.attention_calls(LAYOUT)
+    mask = routing.dense_mask(LAYOUT)
+    a, f, v = (slice(*LAYOUT.span(g)) for g in GROUPS)
+    assert mask[a, a].all() and mask[a, v].all() and not mask[a, f].any()
+    assert routing.attended_pairs(LAYOUT) == mask.sum()
+    # without fusion tokens the same read set is one slice again
+    assert Routing.from_masking("custom", {"audio": ["audio", "video"], "video": ["video"]}).is_contiguous(
+        TokenLayout.of(audio=5, video=7))
+    # a named masking written as a table is the same routing
+    assert Routing.from_masking("custom", {"video": ["video"], "audio": ["audio"]}).key == \
+        Routing.from_masking("two_streams").key
+
+
+@pytest.mark.parametrize("masking", sorted(MASKINGS))
+def test_attended_pairs_count_the_mask(masking):
+    routing = Routing.from_masking(masking)
+    layout = LAYOUT if routing.has_fusion else TokenLayout.of(audio=5, video=7)
+    assert routing.attended_pairs(layout) == routing.dense_mask(layout).sum()
 
 
 def test_output_names_follow_the_masking():

@@ -1,8 +1,10 @@
 """Reusable parts: routed attention, the transformer block, the output decoder, patch embeddings.
 
-One block serves Zorro-ViT (every masking) and the fusion streams of the other backbones. Attention goes
-through `F.scaled_dot_product_attention` on contiguous token slices chosen by a `Routing` (see routing.py),
-so no mask tensor is ever built and the fused kernels (flash / memory-efficient) remain eligible.
+One block serves Zorro-ViT (every masking) and the fusion streams of the other backbones. Routed attention
+has three exact implementations of the same routing table (see routing.py and RoutedAttention):
+`sdpa_slices` (one `F.scaled_dot_product_attention` per contiguous query group, no mask tensor),
+`flex` (one FlexAttention call per layer with a block mask built from the table: the cross-modal blocks are
+skipped inside one fused kernel) and `dense_mask` (one SDPA call with the N x N boolean mask).
 """
 
 from __future__ import annotations
@@ -41,30 +43,160 @@ class Groupwise(nn.Module):
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
+ATTENTION_BACKENDS = ("auto", "sdpa_slices", "flex", "dense_mask")
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile; blocks wholly inside a read group are "full" (no mask_mod)
+
+
 class RoutedAttention(nn.Module):
-    """Multi-head self-attention in which each query group reads only the key slice its routing allows."""
+    """Multi-head self-attention in which each query group reads only the key groups its routing allows.
+
+    attention_backend (all exact, same parameters, chosen per call):
+        sdpa_slices: one SDPA call per contiguous query group on its key slice, the pieces concatenated
+            straight into the projection's token-major layout (no mask tensor; needs every read set to be
+            contiguous in token order).
+        flex: one FlexAttention call per layer with a block mask built from the routing table, compiled
+            (tiles that no query of the tile may read are skipped). CUDA; on CPU torch runs it eagerly and
+            without a backward pass (inference and tests only). No attention dropout.
+        dense_mask: one SDPA call with the N x N boolean mask (the fair baseline; any table).
+        auto: one SDPA call when one call covers every token (input_level, single-group streams); otherwise
+            flex on CUDA, and on CPU sdpa_slices (measured fastest there, docs/benchmarks.md), or dense_mask
+            for a non-contiguous table or with attention dropout.
+    """
 
     def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, separate_weights: bool = False):
+                 proj_drop: float = 0.0, separate_weights: bool = False, attention_backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+        if attention_backend == "flex" and attn_drop > 0:
+            raise ValueError("attention_backend 'flex' has no attention dropout; use attn_drop=0 or another backend")
         self.num_heads = num_heads
         self.attn_drop = attn_drop
+        self.attention_backend = attention_backend
         self.qkv = Groupwise(lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), separate=separate_weights)
         self.proj = Groupwise(lambda: nn.Linear(dim, dim), separate=separate_weights)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def backend(self, device: torch.device | str, layout: TokenLayout, routing: Routing) -> str:
+        """The implementation a call on `device` with this layout runs (resolves "auto")."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        cuda = torch.device(device).type == "cuda"
+        if not routing.is_contiguous(layout):
+            return "flex" if cuda and not self._dropping else "dense_mask"
+        if len(routing.attention_calls(layout)) == 1 or not cuda or self._dropping:
+            return "sdpa_slices"
+        return "flex"
+
+    @property
+    def _dropping(self) -> bool:
+        return self.training and self.attn_drop > 0
+
     def forward(self, x: torch.Tensor, layout: TokenLayout, routing: Routing) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x, layout).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        drop = self.attn_drop if self.training else 0.0
-        outs = [
-            F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], dropout_p=drop)
-            for (qs, qe), (ks, ke) in routing.attention_calls(layout)
-        ]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C), layout))
+        out = routed_attention(q, k, v, layout, routing, backend=self.backend(x.device, layout, routing),
+                               dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.reshape(B, N, C), layout))
+
+
+def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, routing: Routing, *,
+                     backend: str, dropout_p: float = 0.0) -> torch.Tensor:
+    """The attention core: q, k, v (B x heads x N x d) -> B x N x heads x d (the layout the output projection
+    reads), each query reading the keys `routing` allows, with one of the concrete backends (see RoutedAttention)."""
+    if backend == "sdpa_slices":
+        calls = routing.attention_calls(layout)
+        if len(calls) == 1:  # one call covers every token: nothing to slice
+            (qs, qe), (ks, ke) = calls[0]
+            out = F.scaled_dot_product_attention(q, k[:, :, ks:ke], v[:, :, ks:ke], dropout_p=dropout_p)
+            return out.transpose(1, 2)
+        # Concatenating the transposed pieces along the tokens is the one copy the projection's B x N x C layout
+        # needs anyway (cat on heads-first outputs, then transposing, copied twice). Writing into a preallocated
+        # buffer instead measured slower: autograd clones the whole buffer's gradient per in-place write.
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke],
+                                                         dropout_p=dropout_p).transpose(1, 2)
+                          for (qs, qe), (ks, ke) in calls], dim=1)
+    if backend == "dense_mask":
+        mask = _cached(("dense", routing.key, layout, q.device), lambda: routing.dense_mask(layout, q.device))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p).transpose(1, 2)
+    if backend != "flex":
+        raise ValueError(f"unknown attention backend {backend!r}; use one of {ATTENTION_BACKENDS[1:]}")
+    if dropout_p:
+        raise ValueError("attention_backend 'flex' has no attention dropout")
+    mask = _cached(("flex", routing.key, layout, q.device), lambda: flex_block_mask(routing, layout, q.device))
+    if q.device.type == "cpu" and torch.compiler.is_compiling():  # inductor's CPU flex refuses views of one buffer
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _flex_attention(q.device)(q, k, v, block_mask=mask).transpose(1, 2)
+
+
+_MASKS: dict = {}
+
+
+def _cached(key, build):
+    """Masks depend only on (routing, layout, device): build once per shape in eager mode. Under torch.compile the
+    build is traced into the graph instead (pure tensor ops on constants, so no guard on this dict)."""
+    if torch.compiler.is_compiling():
+        return build()
+    if key not in _MASKS:
+        if len(_MASKS) > 64:  # many input sizes (evaluation views): keep the cache small
+            _MASKS.clear()
+        _MASKS[key] = build()
+    return _MASKS[key]
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(device: torch.device):
+    """FlexAttention, compiled (its fused kernel) outside torch.compile on CUDA; eager inside a compiled graph
+    (the outer compile fuses it) and on CPU (torch's CPU path has no backward; eager is the reference math)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _COMPILED_FLEX
+    if torch.compiler.is_compiling() or device.type == "cpu":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def flex_block_mask(routing: Routing, layout: TokenLayout, device, block_size: int = FLEX_BLOCK_SIZE):
+    """The routing table as a FlexAttention BlockMask.
+
+    mask_mod(b, h, q, k) = reads[group[q], group[k]] with a per-token group id and a (groups + 1)^2 table (the
+    extra group pads the sequence to whole tiles and reads nothing). Tiles are classified from the same table:
+    empty tiles are skipped, full ones run without mask_mod, only tiles on a group boundary evaluate it.
+    Built from tensor ops on Python constants, so torch.compile can trace it.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    routing.check_layout(layout)
+    G, n = len(GROUPS), layout.total
+    nb = -(-n // block_size)
+    group = torch.full((nb * block_size,), G, dtype=torch.long, device=device)
+    for g, s, e in layout.spans():
+        group[s:e] = GROUPS.index(g)
+    table = torch.zeros(G + 1, G + 1, dtype=torch.bool, device=device)
+    for q, keys in routing.reads.items():
+        for k in keys:
+            table[GROUPS.index(q), GROUPS.index(k)] = True
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return table[group[q_idx], group[kv_idx]]
+
+    tiles = table[group[:, None], group[None, :]].view(nb, block_size, nb, block_size).transpose(1, 2).flatten(2)
+    full = tiles.all(-1)
+    partial = tiles.any(-1) & ~full
+
+    def sparse(m):  # nb x nb bool -> (count per query tile, key tile indices with the used ones first)
+        counts = m.sum(-1, dtype=torch.int32)
+        order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None], order[None, None]
+
+    return BlockMask.from_kv_blocks(*sparse(partial), *sparse(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(n, n))
 
 
 class Block(nn.Module):
@@ -73,12 +205,13 @@ class Block(nn.Module):
     def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  separate_weights: bool = False, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-                 act_layer: type[nn.Module] = nn.GELU):
+                 act_layer: type[nn.Module] = nn.GELU, attention_backend: str = "auto"):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = Groupwise(lambda: norm_layer(dim), separate=separate_weights)
         self.attn = RoutedAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                                    proj_drop=drop, separate_weights=separate_weights)
+                                    proj_drop=drop, separate_weights=separate_weights,
+                                    attention_backend=attention_backend)
         self.norm2 = Groupwise(lambda: norm_layer(dim), separate=separate_weights)
         self.mlp = Groupwise(lambda: Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=drop),
                              separate=separate_weights)

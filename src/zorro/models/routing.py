@@ -6,7 +6,9 @@ With the token order [audio | fusion | video], every row of every table below re
 slice of the sequence, so each query group's attention is one dense `scaled_dot_product_attention` call
 on a slice: no mask tensor, flash/efficient kernels stay eligible, and the cross-modal blocks that the
 mask would zero are never computed. `Routing.dense_mask` builds the equivalent boolean matrix; the tests
-use it as the reference implementation.
+use it as the reference implementation. A custom table (`Routing(reads=...)`, masking "custom") may read
+non-contiguous groups: those run through one masked call (FlexAttention block mask or SDPA with the dense
+mask, see layers.RoutedAttention) instead of slices.
 """
 
 from __future__ import annotations
@@ -94,18 +96,35 @@ class Routing:
     name: str = "custom"
 
     @classmethod
-    def from_masking(cls, masking: str) -> "Routing":
+    def from_masking(cls, masking: str, reads: Mapping[str, Sequence[str]] | None = None) -> "Routing":
+        """A named masking of MASKINGS, or masking "custom" with its table `reads` ({query group: [key groups]})."""
+        if masking == "custom":
+            if not reads:
+                raise ValueError("masking 'custom' needs a routing table, e.g. "
+                                 "reads={audio: [audio], fusion: [audio, fusion, video], video: [video]}")
+            return cls(reads=reads, name="custom")
+        if reads:
+            raise ValueError(f"a routing table (reads) is only used with masking 'custom', not {masking!r}")
         if masking not in MASKINGS:
-            raise ValueError(f"unknown masking {masking!r}; choose one of {sorted(MASKINGS)}")
+            raise ValueError(f"unknown masking {masking!r}; choose one of {sorted(MASKINGS)} or 'custom'")
         return cls(reads=MASKINGS[masking], name=masking)
 
     def __post_init__(self):
+        if not isinstance(self.reads, Mapping) or not self.reads:
+            raise ValueError(f"routing table must be a non-empty mapping {{query group: [key groups]}}, "
+                             f"got {self.reads!r}")
+        reads = {}
         for q, keys in self.reads.items():
+            keys = (keys,) if isinstance(keys, str) else tuple(keys)
             if q not in GROUPS or any(k not in GROUPS for k in keys):
-                raise ValueError(f"routing row {q!r}: {keys!r} names a group outside {GROUPS}")
+                raise ValueError(f"routing row {q!r}: {list(keys)} names a group outside {GROUPS}")
             if q not in keys:
-                raise ValueError(f"group {q!r} must read itself")
-            TokenLayout.of(**{g: 1 for g in GROUPS}).key_span(keys)  # contiguity check
+                raise ValueError(f"routing row {q!r}: group {q!r} must read itself, got {list(keys)}")
+            silent = [k for k in keys if k not in self.reads]
+            if silent:
+                raise ValueError(f"routing row {q!r} reads {silent}, which have no row (no tokens) in the table")
+            reads[q] = tuple(g for g in GROUPS if g in keys)  # token order: equal tables compare equal
+        object.__setattr__(self, "reads", {g: reads[g] for g in GROUPS if g in reads})
 
     @property
     def has_fusion(self) -> bool:
@@ -124,27 +143,57 @@ class Routing:
             todo += self.reads[g]
         return seen <= {group}
 
+    @property
+    def key(self) -> tuple:
+        """A hashable identity of the table (for caching masks)."""
+        return tuple(self.reads.items())
+
+    def is_contiguous(self, layout: TokenLayout) -> bool:
+        """Whether every present group reads one contiguous slice of `layout` (what per-slice SDPA needs)."""
+        try:
+            for group in layout.present():
+                layout.key_span(self.reads.get(group, ()))
+        except ValueError:
+            return False
+        return True
+
     def attention_calls(self, layout: TokenLayout) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """[(query slice, key slice)] covering every token once, in sequence order.
 
         Adjacent query groups that read the same key slice share one call (input_level: a single call).
         """
+        self.check_layout(layout)
         calls: list[tuple[tuple[int, int], tuple[int, int]]] = []
         for group, start, end in layout.spans():
-            if group not in self.reads:
-                raise ValueError(f"masking {self.name!r} has no {group!r} tokens, but the input has {end - start}")
-            keys = layout.key_span(self.reads[group])
+            try:
+                keys = layout.key_span(self.reads[group])
+            except ValueError:
+                raise ValueError(f"masking {self.name!r}: {group!r} reads {list(self.reads[group])}, not one "
+                                 f"contiguous slice of {GROUPS}; per-slice attention cannot run it, use "
+                                 f"attention_backend flex or dense_mask (auto picks one)") from None
             if calls and calls[-1][1] == keys and calls[-1][0][1] == start:
                 calls[-1] = ((calls[-1][0][0], end), keys)
             else:
                 calls.append(((start, end), keys))
         return calls
 
-    def dense_mask(self, layout: TokenLayout):
+    def check_layout(self, layout: TokenLayout) -> None:
+        """Every group with tokens must have a row (two_streams has no fusion latents to route)."""
+        for group, start, end in layout.spans():
+            if group not in self.reads:
+                raise ValueError(f"masking {self.name!r} has no {group!r} tokens, but the input has {end - start}")
+
+    def attended_pairs(self, layout: TokenLayout) -> int:
+        """(query, key) pairs the routing lets attend: the attention-core work of any exact backend."""
+        lengths = dict(zip(GROUPS, layout.lengths))
+        return sum(lengths[q] * sum(lengths[k] for k in keys) for q, keys in self.reads.items())
+
+    def dense_mask(self, layout: TokenLayout, device=None):
         """The equivalent N x N boolean mask (True = may attend); the reference the tests compare with."""
         import torch
 
-        mask = torch.zeros(layout.total, layout.total, dtype=torch.bool)
+        self.check_layout(layout)
+        mask = torch.zeros(layout.total, layout.total, dtype=torch.bool, device=device)
         for group, start, end in layout.spans():
             for key_group in self.reads[group]:
                 ks, ke = layout.span(key_group)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +30,11 @@ class ZorroViT(nn.Module):
     """Zorro-ViT. Defaults are the paper's ViT-B/16 configuration (98M parameters).
 
     Args (all keyword-only):
-        masking: one of routing.MASKINGS (zorro, two_streams, input_level, bottleneck).
+        masking: one of routing.MASKINGS (zorro, two_streams, input_level, bottleneck), or "custom" with
+            `masking_reads`, any valid routing table {query group: [key groups]} (non-contiguous read sets run
+            as one masked call: FlexAttention on CUDA, SDPA with the dense mask on CPU).
+        attention_backend: how routed attention runs: "auto", "sdpa_slices", "flex" or "dense_mask"
+            (layers.RoutedAttention); every backend computes the same function.
         fusion_level: layer at which the fusion latents join (appendix C); 0 = from the start.
         separate_weights: per-group LayerNorm/QKV/MLP weights (paper: 98M -> 267M).
         num_frames, image_size, audio_seconds, n_mels, sample_rate: the configured input; position
@@ -42,16 +47,20 @@ class ZorroViT(nn.Module):
             checkpointing): less memory for big models on small GPUs, ~30% more compute.
     """
 
-    maskings: tuple[str, ...] = tuple(MASKINGS)  # every row of routing.MASKINGS
+    maskings: tuple[str, ...] = (*MASKINGS, "custom")  # every row of routing.MASKINGS, or a table of one's own
 
     def __init__(self, *, dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  patch_size: int = 16, num_fusion: int = 6, masking: str = "zorro", fusion_level: int = 0,
                  separate_weights: bool = False, qkv_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, num_frames: int = 8,
                  image_size: int = 224, sample_rate: int = 48_000, n_mels: int = 128, audio_seconds: float = 2.56,
-                 spec_augment: bool = True, missing_modality: str = "zeros", grad_checkpointing: bool = False):
+                 spec_augment: bool = True, missing_modality: str = "zeros", grad_checkpointing: bool = False,
+                 masking_reads: Mapping[str, Sequence[str]] | None = None, attention_backend: str = "auto"):
         super().__init__()
-        self.routing = Routing.from_masking(masking)
+        self.routing = Routing.from_masking(masking, masking_reads)
+        if not {"audio", "video"} <= set(self.routing.reads):
+            raise ValueError(f"masking {masking!r}: the routing table needs audio and video rows, "
+                             f"got {dict(self.routing.reads)}")
         if missing_modality not in MISSING_MODALITY:
             raise ValueError(f"missing_modality must be one of {MISSING_MODALITY}, got {missing_modality!r}")
         if not 0 <= fusion_level < depth:
@@ -81,7 +90,8 @@ class ZorroViT(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rises linearly
         self.blocks = nn.ModuleList(
             Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=dpr[i], separate_weights=separate_weights)
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], separate_weights=separate_weights,
+                  attention_backend=attention_backend)
             for i in range(depth))
         self.norm = Groupwise(lambda: nn.LayerNorm(dim), separate=separate_weights)
         self.decoder = OutputDecoder(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, names=self.output_names)
