@@ -89,6 +89,8 @@ def test_custom_masking_from_the_command_line_trains(tmp_path):
                       output_dir=tmp_path)
     with pytest.raises(InstantiationException, match=r"group 'audio' must read itself"):
         instantiate(bad.model)
+    with pytest.raises(ConfigError, match=r"^model: routing row 'audio': group 'audio' must read itself"):
+        train(bad)  # train.py prints it as one line: "Error in config: model: routing row ..."
 
 
 def test_gpu_trainers_compile_by_default(tmp_path):

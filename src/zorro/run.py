@@ -49,7 +49,12 @@ def build_task(cfg: DictConfig):
         if isinstance(e.__cause__, ConfigError):
             raise e.__cause__ from None
         raise
-    backbone = instantiate(cfg.model)
+    try:
+        backbone = instantiate(cfg.model)
+    except InstantiationException as e:  # a constructor's validation (a bad routing table, a masking the
+        if isinstance(e.__cause__, ValueError):  # backbone lacks): one line, not Hydra's wrapper
+            raise ConfigError(f"model: {e.__cause__}") from None
+        raise
     log.info("backbone %s (masking=%s): %.2fM parameters", type(backbone).__name__,
              getattr(getattr(backbone, "routing", None), "name", "-"), count_parameters(backbone) / 1e6)
     if cfg.get("pretrained"):  # ImageNet / MAE initialisation from a local file, with a report of what loaded
