@@ -201,6 +201,12 @@ class Routing:
         return mask
 
 
+def isolated_outputs(routing: Routing, names: Sequence[str]) -> tuple[str, ...]:
+    """The unimodal outputs among `names` whose modality never reads the other one (zorro, two_streams): they
+    are exactly the same with or without the other modality."""
+    return tuple(m for m in ("audio", "video") if m in names and routing.isolated(m))
+
+
 def output_names(routing: Routing, present: Sequence[str] = GROUPS) -> tuple[str, ...]:
     """Outputs a backbone produces: those whose read set has tokens, limited to MASKING_OUTPUTS[masking]
     (two_streams: audio and video only)."""

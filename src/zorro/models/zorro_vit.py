@@ -21,7 +21,7 @@ from .frontends import AudioFrontend, VideoFrontend, frames_or_zeros, spectrogra
 from .layers import (Block, Groupwise, OutputDecoder, PatchEmbed, init_vit_weights, maybe_checkpoint,
                      resample_pos_embed)
 from .pretrained import LoadReport, load_into, load_state
-from .routing import GROUPS, MASKINGS, Routing, TokenLayout, output_names
+from .routing import GROUPS, MASKINGS, Routing, TokenLayout, isolated_outputs, output_names
 
 MISSING_MODALITY = ("zeros", "drop")
 
@@ -122,7 +122,7 @@ class ZorroViT(nn.Module):
     def isolated_outputs(self) -> tuple[str, ...]:
         """The unimodal outputs that never read the other modality (zorro, two_streams): running the backbone
         without the other modality (`drop_absent=True`) gives exactly the same value for them."""
-        return tuple(m for m in ("audio", "video") if m in self.output_names and self.routing.isolated(m))
+        return isolated_outputs(self.routing, self.output_names)
 
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
                 has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None,

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.routing import isolated_outputs
 from .base import BaseTask, modality_flags
 from .metrics import ClipPredictions
 
@@ -25,10 +26,8 @@ def choose_loss(loss: str, backbone: nn.Module) -> str:
     entangled input-level / bottleneck maskings, which the paper reports as collapsing."""
     if loss != "auto":
         return loss
-    isolated = set(getattr(backbone, "isolated_outputs", ()))
-    routing = getattr(backbone, "routing", None)
-    if routing is not None and not hasattr(backbone, "isolated_outputs"):  # Zorro-Swin / HiP: zorro, two_streams
-        isolated = {m for m in ("audio", "video") if routing.isolated(m)}
+    routing = getattr(backbone, "routing", None)  # Zorro backbones; the baselines have their own fixed fusion
+    isolated = set(isolated_outputs(routing, backbone.output_names)) if routing is not None else set()
     return "eq3" if "fusion" in backbone.output_names and isolated >= {"audio", "video"} else "eq2"
 
 
