@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from .data.info import DatasetInfo
+from .tasks.base import checkpoint_run
 from .data.media import MediaError, decode_media
 from .data.transforms import crop_resize, eval_crop_boxes, window_audio, window_frame_indices, window_starts
 
@@ -27,10 +27,10 @@ from .data.transforms import crop_resize, eval_crop_boxes, window_audio, window_
 def load_predictor(ckpt_path: str):
     """(task in eval mode, class names, sampling settings) from a checkpoint written by train.py."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if "zorro_config" not in ckpt or "zorro_dataset" not in ckpt:
-        raise ValueError(f"{ckpt_path} lacks the run config / class names; was it written by train.py?")
-    run = OmegaConf.create(ckpt["zorro_config"])
-    info = DatasetInfo(**{**ckpt["zorro_dataset"], "class_names": tuple(ckpt["zorro_dataset"]["class_names"])})
+    config, info = checkpoint_run(ckpt)
+    if info is None:
+        raise ValueError(f"{ckpt_path} lacks the class names; was it written by train.py?")
+    run = OmegaConf.create(config)
     if not hasattr(instantiate(run.task, _partial_=True).func, "predict_probs"):
         raise ValueError("prediction needs a classifier checkpoint (task=supervised)")
     task = instantiate(run.task, backbone=instantiate(run.model), dataset=info, optimizer=None)

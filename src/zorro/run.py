@@ -22,6 +22,7 @@ from .models import count_parameters
 from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from .preemption import resolve_ckpt_path
 from .tasks import EVAL_INPUTS
+from .tasks.base import checkpoint_run
 
 log = logging.getLogger("zorro")
 
@@ -170,9 +171,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test-set metrics of a checkpoint for A, V and A+V inputs; printed as a table, saved as metrics.json."""
     check_config(cfg, required=("ckpt_path",))
     ckpt = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
-    if "zorro_config" not in ckpt:
-        raise ValueError(f"{cfg.ckpt_path} has no saved run config; was it written by train.py?")
-    run = OmegaConf.create(ckpt["zorro_config"])
+    run = OmegaConf.create(checkpoint_run(ckpt)[0])
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.get("data") or {}).items() if v is not None}
     run.data = OmegaConf.merge(run.data, overrides)
     run.trainer = cfg.trainer

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..data.device import decode_on_device
+from ..data.info import DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,30 @@ def model_inputs(batch: dict, inputs: str = "audio_video", zero_input: str = "no
     else:
         has_audio, has_video = modality_flags(batch, inputs)
     return {"audio": audio, "video": video, "has_audio": has_audio, "has_video": has_video}
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """What one validation/test epoch produced, for the callbacks that write reports (zorro.eval): every task
+    sets `task.eval_result` at the end of each evaluation epoch (on every rank; the values are gathered)."""
+    stage: str
+    scores: dict[str, float]
+    # supervised: {inputs: (clip probabilities of the averaged prediction, clip labels)}, on the CPU
+    predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    # retrieval: (audio, video) L2-normalised clip embeddings of the clips that have both modalities, on the CPU
+    embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def checkpoint_run(ckpt: dict) -> tuple[dict, DatasetInfo | None]:
+    """(resolved run config, dataset info) saved in a train.py checkpoint: its hyper-parameters `config` and
+    `dataset`, or the `zorro_config` / `zorro_dataset` keys of checkpoints written before."""
+    hparams = ckpt.get("hyper_parameters") or {}
+    config, dataset = hparams.get("config", ckpt.get("zorro_config")), hparams.get("dataset", ckpt.get("zorro_dataset"))
+    if config is None:
+        raise ValueError("the checkpoint has no saved run config; was it written by train.py?")
+    if isinstance(dataset, dict):
+        dataset = DatasetInfo(**{**dataset, "class_names": tuple(dataset.get("class_names", ()))})
+    return dict(config), dataset
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..models.cav_mae import MASK_MODES
-from .base import BaseTask, modality_flags
+from .base import BaseTask, EvalResult, modality_flags
 from .contrastive import ContrastiveTask, nce_loss, retrieval_recall
 from .metrics import ClipPredictions
 
@@ -148,6 +148,7 @@ class CAVMAEPretrainTask(BaseTask):
         values.update({f"{stage}/v2a_{k}": v for k, v in v2a.items()})
         values[f"{stage}/score"] = (a2v["R@1"] + v2a["R@1"]) / 2
         self.log_dict(values, sync_dist=False)
+        self.eval_result = EvalResult(stage, {k: float(v) for k, v in values.items()}, embeddings=(za.cpu(), zv.cpu()))
         if stage == "test" and self.report_dir and self.trainer.is_global_zero:
             from ..reports import log_images, write_retrieval_reports
 

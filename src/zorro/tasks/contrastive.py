@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.routing import isolated_outputs
-from .base import BaseTask, modality_flags
+from .base import BaseTask, EvalResult, modality_flags
 from .metrics import ClipPredictions
 
 # eq. 2: audio-video only; eq. 3: + audio-fusion + video-fusion (third projector for the fusion output).
@@ -172,6 +172,8 @@ class ContrastiveTask(BaseTask):
         values.update({f"{stage}/v2a_{k}": v for k, v in v2a.items()})
         values[f"{stage}/score"] = (a2v["R@1"] + v2a["R@1"]) / 2
         self.log_dict(values, sync_dist=False)
+        self.eval_result = EvalResult(stage, {k: float(v) for k, v in values.items()},
+                                      embeddings=(z["audio"].cpu(), z["video"].cpu()))
         if stage == "test" and self.report_dir and self.trainer.is_global_zero:
             from ..reports import log_images, write_retrieval_reports
 

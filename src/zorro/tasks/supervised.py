@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from ..data.info import DatasetInfo
-from .base import EVAL_INPUTS, ZERO_INPUTS, BaseTask, model_inputs, modality_flags
+from .base import EVAL_INPUTS, ZERO_INPUTS, BaseTask, EvalResult, model_inputs, modality_flags
 from .metrics import ClipPredictions, classification_scores
 
 # Which input a head depends on: its loss is skipped for samples that lack that modality (paper 4.4).
@@ -190,6 +190,7 @@ class SupervisedTask(BaseTask):
         if primary in values:
             values[f"{stage}/score"] = values[primary]
         self.log_dict(values, sync_dist=False)
+        self.eval_result = EvalResult(stage, {k: float(v) for k, v in values.items()}, averaged)
         if stage == "test" and self.report_dir and averaged and self.trainer.is_global_zero:
             from ..reports import log_images, write_classification_reports
 
