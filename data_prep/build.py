@@ -432,17 +432,8 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="clip", file=sys.stderr, disable=None)
+    # disable=None: no bar when stderr is not a terminal (a SLURM log gets the summary line, not \r updates)
+    return tqdm(total=total, initial=initial, unit="clip", file=sys.stderr, disable=None if enabled else True)
