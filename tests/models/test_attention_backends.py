@@ -9,8 +9,8 @@ from zorro.models import MASKINGS, zorro_vit_tiny
 from zorro.models.layers import RoutedAttention, flex_block_mask
 from zorro.models.routing import Routing, TokenLayout
 
+from .helpers import inputs
 from .reference import use_dense_mask_attention
-from .test_layers import flex_backward_on_cpu, inputs  # noqa: F401 (fixture)
 
 LAYOUT = TokenLayout.of(audio=13, fusion=3, video=21)  # groups straddle 8-token tiles
 NON_CONTIGUOUS = {"audio": ["audio", "video"], "fusion": ["audio", "fusion", "video"], "video": ["video"]}

@@ -5,27 +5,10 @@ from zorro.models import MASKINGS, zorro_vit_tiny
 from zorro.models.layers import ATTENTION_BACKENDS, Groupwise, OutputDecoder, RoutedAttention, resample_pos_embed
 from zorro.models.routing import Routing, TokenLayout
 
+from .helpers import inputs
 from .reference import dense_mask_attention, use_dense_mask_attention
 
-
-def inputs(batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    audio = (torch.randn(batch, 20480, generator=g) * 3000).to(torch.int16)
-    video = torch.randint(0, 256, (batch, 4, 3, 64, 64), generator=g, dtype=torch.uint8)
-    return audio, video
-
-
 BACKENDS = [b for b in ATTENTION_BACKENDS if b != "auto"]
-
-
-@pytest.fixture
-def flex_backward_on_cpu(monkeypatch):
-    """torch refuses FlexAttention's backward on CPU (its compiled CPU kernel has none); its eager path does have
-    one (the reference math over the same block mask), which is what checks our mask_mod and block tables here.
-    On CUDA the compiled kernel computes the same function (torch's own tests)."""
-    import torch.nn.attention.flex_attention as flex
-
-    monkeypatch.setattr(flex, "_validate_device", lambda *args: None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
