@@ -6,7 +6,7 @@ from zorro.models.layers import ATTENTION_BACKENDS, Groupwise, OutputDecoder, Ro
 from zorro.models.routing import Routing, TokenLayout
 
 from .helpers import inputs
-from .reference import dense_mask_attention, use_dense_mask_attention
+from .reference import assert_model_equals_dense_mask_reference, dense_mask_attention
 
 BACKENDS = [b for b in ATTENTION_BACKENDS if b != "auto"]
 
@@ -41,23 +41,7 @@ def test_model_equals_dense_mask_reference(masking, fusion_level, backend, flex_
     model = zorro_vit_tiny(masking=masking, fusion_level=fusion_level, spec_augment=False,
                            attention_backend=backend).double().eval()
     audio, video = inputs()
-
-    def run():
-        model.zero_grad()
-        out = model(audio, video.double())
-        sum(o.square().sum() for o in out.values()).backward()
-        return {k: v.detach() for k, v in out.items()}, {n: p.grad.clone() for n, p in model.named_parameters()
-                                                          if p.grad is not None}
-
-    out, grads = run()
-    with use_dense_mask_attention():
-        ref, ref_grads = run()
-    assert out.keys() == ref.keys()
-    for k in out:
-        torch.testing.assert_close(out[k], ref[k])
-    assert grads.keys() == ref_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
+    assert_model_equals_dense_mask_reference(model, audio, video.double())
 
 
 def test_groupwise_separate_weights_apply_per_group():
