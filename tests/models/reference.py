@@ -24,3 +24,24 @@ def use_dense_mask_attention():
         yield
     finally:
         RoutedAttention.forward = original
+
+
+def assert_model_equals_dense_mask_reference(model, audio, video):
+    """The model's outputs and parameter gradients (its own attention backend) equal those of the same model run
+    with the dense-mask reference attention."""
+
+    def run():
+        model.zero_grad()
+        out = model(audio=audio, video=video)
+        sum(o.square().sum() for o in out.values()).backward()
+        return {k: v.detach() for k, v in out.items()}, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                          if p.grad is not None}
+
+    out, grads = run()
+    with use_dense_mask_attention():
+        ref, ref_grads = run()
+    assert out.keys() == ref.keys() and grads.keys() == ref_grads.keys()
+    for k in out:
+        torch.testing.assert_close(out[k], ref[k], msg=k)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)

@@ -9,8 +9,8 @@ from zorro.models import MASKINGS, zorro_vit_tiny
 from zorro.models.layers import RoutedAttention, flex_block_mask
 from zorro.models.routing import Routing, TokenLayout
 
-from .reference import use_dense_mask_attention
-from .test_layers import flex_backward_on_cpu, inputs  # noqa: F401 (fixture)
+from .helpers import inputs
+from .reference import assert_model_equals_dense_mask_reference
 
 LAYOUT = TokenLayout.of(audio=13, fusion=3, video=21)  # groups straddle 8-token tiles
 NON_CONTIGUOUS = {"audio": ["audio", "video"], "fusion": ["audio", "fusion", "video"], "video": ["video"]}
@@ -55,20 +55,7 @@ def test_custom_non_contiguous_table_trains_and_equals_the_reference(backend, fl
     model = zorro_vit_tiny(masking="custom", masking_reads=NON_CONTIGUOUS, spec_augment=False,
                            attention_backend=backend).double()
     audio, video = inputs()
-
-    def run():
-        model.zero_grad()
-        out = model(audio, video.double())
-        sum(o.square().sum() for o in out.values()).backward()
-        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    out, grads = run()
-    with use_dense_mask_attention():
-        ref, ref_grads = run()
-    for key in out:
-        torch.testing.assert_close(out[key], ref[key])
-    for n in ref_grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
+    assert_model_equals_dense_mask_reference(model, audio, video.double())
     # audio reads video under this table: the audio output is no longer modality-pure
     with torch.no_grad():
         assert not torch.equal(model(audio, video.double())["audio"], model(audio, video.double() * 0)["audio"])

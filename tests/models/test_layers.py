@@ -5,27 +5,10 @@ from zorro.models import MASKINGS, zorro_vit_tiny
 from zorro.models.layers import ATTENTION_BACKENDS, Groupwise, OutputDecoder, RoutedAttention, resample_pos_embed
 from zorro.models.routing import Routing, TokenLayout
 
-from .reference import dense_mask_attention, use_dense_mask_attention
-
-
-def inputs(batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    audio = (torch.randn(batch, 20480, generator=g) * 3000).to(torch.int16)
-    video = torch.randint(0, 256, (batch, 4, 3, 64, 64), generator=g, dtype=torch.uint8)
-    return audio, video
-
+from .helpers import inputs
+from .reference import assert_model_equals_dense_mask_reference, dense_mask_attention
 
 BACKENDS = [b for b in ATTENTION_BACKENDS if b != "auto"]
-
-
-@pytest.fixture
-def flex_backward_on_cpu(monkeypatch):
-    """torch refuses FlexAttention's backward on CPU (its compiled CPU kernel has none); its eager path does have
-    one (the reference math over the same block mask), which is what checks our mask_mod and block tables here.
-    On CUDA the compiled kernel computes the same function (torch's own tests)."""
-    import torch.nn.attention.flex_attention as flex
-
-    monkeypatch.setattr(flex, "_validate_device", lambda *args: None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -58,23 +41,7 @@ def test_model_equals_dense_mask_reference(masking, fusion_level, backend, flex_
     model = zorro_vit_tiny(masking=masking, fusion_level=fusion_level, spec_augment=False,
                            attention_backend=backend).double().eval()
     audio, video = inputs()
-
-    def run():
-        model.zero_grad()
-        out = model(audio, video.double())
-        sum(o.square().sum() for o in out.values()).backward()
-        return {k: v.detach() for k, v in out.items()}, {n: p.grad.clone() for n, p in model.named_parameters()
-                                                          if p.grad is not None}
-
-    out, grads = run()
-    with use_dense_mask_attention():
-        ref, ref_grads = run()
-    assert out.keys() == ref.keys()
-    for k in out:
-        torch.testing.assert_close(out[k], ref[k])
-    assert grads.keys() == ref_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
+    assert_model_equals_dense_mask_reference(model, audio, video.double())
 
 
 def test_groupwise_separate_weights_apply_per_group():

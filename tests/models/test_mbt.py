@@ -1,55 +1,31 @@
+"""What is specific to MBT (the registry tests in test_backbones.py cover the rest, including that both CLS outputs
+see the other modality through the bottleneck): the parameter count, the bottleneck as the only cross-modal path,
+and ImageNet ViT weights in both streams."""
+
 import pytest
 import timm
 import torch
 
 from zorro.models import count_parameters, create_model, mbt_tiny
 
-from .test_layers import inputs
+from .helpers import inputs
 
 
-def test_base_parameter_count():
+def test_base_parameter_count(no_random_init):
     # Two ViT-B/16 streams (2 x 85.6M without heads) + 4 bottleneck tokens; MBT does not state a count.
     assert count_parameters(create_model("mbt_base")) == pytest.approx(172.42e6, rel=1e-3)
 
 
-def test_forward_backward_cls_outputs():
-    model = mbt_tiny()
-    audio, video = inputs()
-    out = model(audio, video)
-    assert set(out) == set(model.output_names) == {"audio", "video"}
-    assert all(v.shape == (2, model.output_dim) for v in out.values())
-    w = torch.randn(model.output_dim)  # not a plain sum: a LayerNorm output sums to a constant (zero gradient)
-    ((out["audio"] * w).sum() + (out["video"] * w).sum()).backward()
-    assert model.bottleneck.grad is not None and model.bottleneck.grad.abs().sum() > 0
-    assert model.audio.blocks[0].attn.qkv.weight.grad is not None
-
-
-def _changes(perturbed: str, **kw) -> dict[str, bool]:
+@pytest.mark.parametrize("kwargs", [dict(num_bottleneck=0), dict(fusion_layer=4)], ids=["late_fusion", "L_f=depth"])
+def test_without_a_bottleneck_layer_the_streams_are_independent(kwargs):
+    """No bottleneck tokens, or a fusion layer past the last layer: two independent ViTs (MBT's late fusion)."""
     torch.manual_seed(0)
-    model = mbt_tiny(**kw).eval()
-    audio, video = inputs(seed=0)
-    audio2, video2 = inputs(seed=1)
+    model = mbt_tiny(**kwargs).eval()
+    (audio, video), (audio2, video2) = inputs(seed=0), inputs(seed=1)
     with torch.no_grad():
-        base = model(audio, video)
-        other = model(audio2, video) if perturbed == "audio" else model(audio, video2)
-    return {k: not torch.equal(base[k], other[k]) for k in base}
-
-
-def test_information_crosses_only_through_the_bottleneck():
-    # With bottlenecks, each CLS output sees the other modality (MBT fuses; unlike Zorro's unimodal outputs) ...
-    assert _changes("audio")["video"] and _changes("video")["audio"]
-    # ... and without them (late fusion) the streams are independent: the bottleneck is the only path.
-    assert _changes("audio", num_bottleneck=0) == {"audio": True, "video": False}
-    assert _changes("video", num_bottleneck=0) == {"audio": False, "video": True}
-
-
-def test_layers_before_the_fusion_layer_are_unimodal():
-    torch.manual_seed(0)
-    model = mbt_tiny(fusion_layer=4).eval()  # depth 4: the bottleneck never joins
-    audio, video = inputs(seed=0)
-    _, video2 = inputs(seed=1)
-    with torch.no_grad():
-        assert torch.equal(model(audio, video)["audio"], model(audio, video2)["audio"])
+        base, new_audio, new_video = (model(audio=a, video=v) for a, v in ((audio, video), (audio2, video), (audio, video2)))
+    assert torch.equal(base["video"], new_audio["video"]) and torch.equal(base["audio"], new_video["audio"])
+    assert not torch.equal(base["audio"], new_audio["audio"]) and not torch.equal(base["video"], new_video["video"])
 
 
 def test_imagenet_vit_weights_load_into_both_streams(tmp_path):

@@ -15,7 +15,7 @@ from zorro.tasks import CAVMAEPretrainTask
 from zorro.tasks.cav_mae import cav_nce, masked_mse
 
 from ..conftest import compose_cfg
-from ..models.test_layers import inputs
+from ..models.helpers import inputs
 
 
 def make_task(**kw):

@@ -8,7 +8,7 @@ from zorro.models import zorro_vit_tiny
 from zorro.tasks import ContrastiveTask, nce_loss
 from zorro.tasks.contrastive import retrieval_recall
 
-from ..models.test_layers import inputs
+from ..models.helpers import inputs
 
 
 def test_joint_nce_is_eq2():

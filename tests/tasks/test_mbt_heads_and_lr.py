@@ -15,7 +15,7 @@ from zorro.models import MBT, mbt_tiny, zorro_vit_tiny
 from zorro.tasks import SupervisedTask
 
 from ..conftest import compose_cfg
-from ..models.test_layers import inputs
+from ..models.helpers import inputs
 
 
 def mbt_task(multi_label=True, **kw):

@@ -7,7 +7,7 @@ from zorro.data.info import DatasetInfo
 from zorro.models import zorro_vit_tiny
 from zorro.tasks import SupervisedTask, cosine_with_warmup, modality_flags
 
-from ..models.test_layers import inputs
+from ..models.helpers import inputs
 
 
 def make_task(multi_label=False, **kw):
