@@ -25,6 +25,6 @@ def test_five_fold_style_cross_validation_is_one_sweep_and_one_report(demo_video
     assert len(fold_clips) == 3 and sum(fold_clips) == sum(
         json.loads((shards / "manifest.json").read_text())["splits"][f"fold{k}"]["num_samples"] for k in (1, 2, 3))
     assert "| V top1 | A top1 | A+V top1 | folds (data.cv_fold) |" in sweep_run.stdout  # one command
-    report = run_script("-m", "zorro.report", sweep, "--cv", "data.cv_fold").stdout.strip().split("\n\n")[0].splitlines()
+    report = run_script("-m", "zorro.eval.sweep_report", sweep, "--cv", "data.cv_fold").stdout.strip().split("\n\n")[0].splitlines()
     assert report[0] == "| V top1 | A top1 | A+V top1 | folds (data.cv_fold) |"
     assert len(report) == 3 and "±" in report[2] and report[2].rstrip(" |").endswith("1,2,3")

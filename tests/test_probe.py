@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from zorro.probe import train_linear
+from zorro.eval.probe import train_linear
 from zorro.run import evaluate, train
 
 from .conftest import compose_cfg
