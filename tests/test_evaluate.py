@@ -30,3 +30,86 @@ def test_two_process_evaluation_counts_every_clip_once(shard_checkpoint, demo_sh
     assert single["test/num_clips"] == ddp["test/num_clips"] == test_clips
     for key in ("test/audio_video/avg/top1", "test/audio/audio/top1", "test/video/video/top1"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6)  # the same clips, the same averaged views
+
+
+def _with_hydra_config(overrides):
+    """evaluate.yaml composed as the command line would, with HydraConfig set (what evaluate.py sees)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["ckpt_path=x.ckpt", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_eval_data_keeps_the_checkpoints_sampling_unless_the_group_names_another_loader():
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from zorro.run import eval_data
+
+    def run(target):
+        return OmegaConf.create({"seed": 0, "model": {"num_frames": 2, "image_size": 32, "sample_rate": 16000,
+                                                      "audio_seconds": 1.0},
+                                 "data": {"_target_": target, "root": "/old", "frame_rate": 1.0, "eval_windows": 2,
+                                          "eval_crops": 3, "batch_size": 4}})
+
+    shards, synthetic = "zorro.data.shards.ShardDataModule", "zorro.data.synthetic.SyntheticDataModule"
+    try:
+        for overrides in (["data=shards", "data.root=/new", "data.eval_crops=1"], ["data.root=/new", "data.eval_crops=1"]):
+            data = eval_data(_with_hydra_config(overrides), run(shards))  # the same loader: only the given values
+            assert OmegaConf.to_container(data) == {"_target_": shards, "root": "/new", "frame_rate": 1.0,
+                                                    "eval_windows": 2, "eval_crops": 1, "batch_size": 4}
+        other = run(synthetic)  # another loader: the group's config, as train.py composes it
+        other.data = eval_data(_with_hydra_config(["data=shards", "data.root=/new"]), other)
+        assert other.data._target_ == shards and other.data.root == "/new"
+        assert other.data.frame_rate == 3.125 and other.data.eval_windows == 4 and other.data.num_frames == 2
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_a_bad_checkpoint_path_is_one_line(tmp_path, monkeypatch, capsys):
+    """evaluate.py (its Hydra main, in this process): a missing or unreadable checkpoint is one line, exit 2."""
+    import runpy
+
+    from hydra.core.hydra_config import HydraConfig
+
+    for name, content, message in (("missing.ckpt", None, f"no such file {tmp_path / 'missing.ckpt'}"),
+                                   ("notes.ckpt", "not a checkpoint", f"cannot read {tmp_path / 'notes.ckpt'} as a")):
+        if content:
+            (tmp_path / name).write_text(content)
+        monkeypatch.setattr("sys.argv", ["evaluate.py", f"ckpt_path={tmp_path / name}",
+                                         f"hydra.run.dir={tmp_path / 'eval'}"])
+        try:
+            with pytest.raises(SystemExit) as exit_:
+                runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
+        finally:
+            HydraConfig.instance().cfg = None
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith(f"Error in config: ckpt_path: {message}")
+
+
+def test_a_sweep_checkpoint_evaluates_by_the_readme_command(tmp_path):
+    """Sweep job directories were `N_key=value,key=value`: passing a checkpoint path of one back on the command
+    line (`python evaluate.py ckpt_path=logs/multiruns/.../checkpoints/last.ckpt`) stopped in Hydra's override
+    parser. Now they are named from the overrides in plain characters (a list value exercises the commas)."""
+    sweep = tmp_path / "sweep"
+    proc = run_script(ROOT / "train.py", "-m", "debug=tiny", "logger=none", "trainer.max_epochs=1", "test=false",
+                      "masking=zorro,two_streams", "tags=[a,b]", f"hydra.sweep.dir={sweep}")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0_debug-tiny_logger-none_masking-zorro_tags-a+b_test-False_trainer.max_epochs-1",
+                    "1_debug-tiny_logger-none_masking-two_streams_tags-a+b_test-False_trainer.max_epochs-1"]
+    # the sweep report still finds both jobs (val metrics: test=false)
+    assert "| zorro |" in proc.stdout and "| two_streams |" in proc.stdout
+    ckpt = sweep / jobs[0] / "checkpoints" / "last.ckpt"
+    out = run_script(ROOT / "evaluate.py", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}", "logger=wandb",
+                     "data=synthetic", "data.num_test=16").stdout  # a group, a group-only key, W&B (offline)
+    assert "test metrics (%), by output and input modalities:" in out and "Table 3 (top1, %): V " in out
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["test/num_clips"] == 16 and 0 <= metrics["test/audio_video/avg/top1"] <= 1
+    images = list((tmp_path / "eval" / "wandb").glob("offline-run-*/files/media/images/test/confusion_matrix_*.png"))
+    assert len(images) == 1  # the RunReports image, logged to the evaluation's W&B run

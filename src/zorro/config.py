@@ -29,7 +29,7 @@ if not OmegaConf.has_resolver("required"):
     OmegaConf.register_new_resolver("required", _required)
 
 
-def path_safe(text: str, max_len: int = 80) -> str:
+def path_safe(text: str, max_len: int = 120) -> str:
     """A sweep job's directory name from its overrides (train.yaml hydra.sweep.subdir), e.g. masking-zorro_tags-a+b:
     only characters that Hydra's override grammar reads as plain text, so the job's paths can be passed back on the
     command line (`evaluate.py ckpt_path=<sweep>/0_masking-zorro/checkpoints/last.ckpt`): list commas become `+`,
