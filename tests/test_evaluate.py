@@ -99,10 +99,11 @@ def test_a_sweep_checkpoint_evaluates_by_the_readme_command(tmp_path):
     parser. Now they are named from the overrides in plain characters (a list value exercises the commas)."""
     sweep = tmp_path / "sweep"
     proc = run_script(ROOT / "train.py", "-m", "debug=tiny", "logger=none", "trainer.max_epochs=1", "test=false",
-                      "masking=zorro,two_streams", "tags=[a,b]", f"hydra.sweep.dir={sweep}")
+                      "data.num_val=16", "masking=zorro,two_streams", "tags=[a,b]", f"hydra.sweep.dir={sweep}")
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["0_debug-tiny_logger-none_masking-zorro_tags-a+b_test-False_trainer.max_epochs-1",
-                    "1_debug-tiny_logger-none_masking-two_streams_tags-a+b_test-False_trainer.max_epochs-1"]
+    rest = "tags-a+b_test-False_trainer.max_epochs-1"
+    assert jobs == [f"0_data.num_val-16_debug-tiny_logger-none_masking-zorro_{rest}",
+                    f"1_data.num_val-16_debug-tiny_logger-none_masking-two_streams_{rest}"]
     # the sweep report still finds both jobs (val metrics: test=false)
     assert "| zorro |" in proc.stdout and "| two_streams |" in proc.stdout
     ckpt = sweep / jobs[0] / "checkpoints" / "last.ckpt"
