@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from zorro.run import train
+from zorro.run import evaluate, train
 
 from .conftest import ROOT, compose_cfg, run_script
 
@@ -20,11 +20,11 @@ def shard_checkpoint(demo_shards, tmp_path_factory):
 @pytest.mark.ddp
 def test_two_process_evaluation_counts_every_clip_once(shard_checkpoint, demo_shards, tmp_path):
     test_clips = json.loads((demo_shards / "manifest.json").read_text())["splits"]["test"]["num_samples"]
-    for devices, name in ((1, "single"), (2, "ddp")):
-        extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
-                 "trainer.sync_batchnorm=false", "trainer.precision=32-true"] if devices == 2 else []
-        run_script(ROOT / "evaluate.py", f"ckpt_path={shard_checkpoint}", f"hydra.run.dir={tmp_path / name}",
-                   "data.eval_windows=2", "data.eval_crops=2", *extra)
+    views = ["data.eval_windows=2", "data.eval_crops=2"]
+    evaluate(compose_cfg("evaluate", overrides=[f"ckpt_path={shard_checkpoint}", *views], output_dir=tmp_path / "single"))
+    run_script(ROOT / "evaluate.py", f"ckpt_path={shard_checkpoint}", f"hydra.run.dir={tmp_path / 'ddp'}", *views,
+               "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
+               "trainer.sync_batchnorm=false", "trainer.precision=32-true")
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert single["test/num_clips"] == ddp["test/num_clips"] == test_clips
@@ -93,24 +93,15 @@ def test_a_bad_checkpoint_path_is_one_line(tmp_path, monkeypatch, capsys):
         assert err.strip().splitlines()[-1].startswith(f"Error in config: ckpt_path: {message}")
 
 
-def test_a_sweep_checkpoint_evaluates_by_the_readme_command(tmp_path):
-    """Sweep job directories were `N_key=value,key=value`: passing a checkpoint path of one back on the command
-    line (`python evaluate.py ckpt_path=logs/multiruns/.../checkpoints/last.ckpt`) stopped in Hydra's override
-    parser. Now they are named from the overrides in plain characters (a list value exercises the commas)."""
-    sweep = tmp_path / "sweep"
-    proc = run_script(ROOT / "train.py", "-m", "debug=tiny", "logger=none", "trainer.max_epochs=1", "test=false",
-                      "data.num_val=16", "masking=zorro,two_streams", "tags=[a,b]", f"hydra.sweep.dir={sweep}")
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    rest = "tags-a+b_test-False_trainer.max_epochs-1"
-    assert jobs == [f"0_data.num_val-16_debug-tiny_logger-none_masking-zorro_{rest}",
-                    f"1_data.num_val-16_debug-tiny_logger-none_masking-two_streams_{rest}"]
-    # the sweep report still finds both jobs (val metrics: test=false)
-    assert "| zorro |" in proc.stdout and "| two_streams |" in proc.stdout
-    ckpt = sweep / jobs[0] / "checkpoints" / "last.ckpt"
-    out = run_script(ROOT / "evaluate.py", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}", "logger=wandb",
-                     "data=synthetic", "data.num_test=16").stdout  # a group, a group-only key, W&B (offline)
-    assert "test metrics (%), by output and input modalities:" in out and "Table 3 (top1, %): V " in out
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["test/num_clips"] == 16 and 0 <= metrics["test/audio_video/avg/top1"] <= 1
-    images = list((tmp_path / "eval" / "wandb").glob("offline-run-*/files/media/images/test/confusion_matrix_*.png"))
-    assert len(images) == 1  # the RunReports image, logged to the evaluation's W&B run
+def test_sweep_job_directories_are_plain_text_the_override_parser_reads_back():
+    """Sweep job directories were `N_key=value,key=value` (hydra.job.override_dirname): a checkpoint path of one
+    stopped Hydra's override parser. tests/test_cross_validation.py evaluates a sweep's checkpoint by that path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from zorro.config import path_safe
+
+    name = path_safe("masking-zorro_tags-[a,b]_init_from-/ckpt/x.ckpt_~model.separate_weights")
+    assert name == "masking-zorro_tags-a+b_init_from-ckptx.ckpt_model.separate_weights"  # no nesting either
+    assert len(path_safe("data.cv_fold-1_" * 40)) <= 120
+    path = f"logs/multiruns/2026-11-29/12-00-00/0_{name}/checkpoints/last.ckpt"
+    assert OverridesParser.create().parse_override(f"ckpt_path={path}").value() == path
