@@ -21,7 +21,8 @@ def shard_checkpoint(demo_shards, tmp_path_factory):
 def test_two_process_evaluation_counts_every_clip_once(shard_checkpoint, demo_shards, tmp_path):
     test_clips = json.loads((demo_shards / "manifest.json").read_text())["splits"]["test"]["num_samples"]
     views = ["data.eval_windows=2", "data.eval_crops=2"]
-    evaluate(compose_cfg("evaluate", overrides=[f"ckpt_path={shard_checkpoint}", *views], output_dir=tmp_path / "single"))
+    evaluate(compose_cfg("evaluate", overrides=[f"ckpt_path={shard_checkpoint}", *views],
+                         output_dir=tmp_path / "single"))
     run_script(ROOT / "evaluate.py", f"ckpt_path={shard_checkpoint}", f"hydra.run.dir={tmp_path / 'ddp'}", *views,
                "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
                "trainer.sync_batchnorm=false", "trainer.precision=32-true")
@@ -59,7 +60,8 @@ def test_eval_data_keeps_the_checkpoints_sampling_unless_the_group_names_another
 
     shards, synthetic = "zorro.data.shards.ShardDataModule", "zorro.data.synthetic.SyntheticDataModule"
     try:
-        for overrides in (["data=shards", "data.root=/new", "data.eval_crops=1"], ["data.root=/new", "data.eval_crops=1"]):
+        for overrides in (["data=shards", "data.root=/new", "data.eval_crops=1"],
+                          ["data.root=/new", "data.eval_crops=1"]):
             data = eval_data(_with_hydra_config(overrides), run(shards))  # the same loader: only the given values
             assert OmegaConf.to_container(data) == {"_target_": shards, "root": "/new", "frame_rate": 1.0,
                                                     "eval_windows": 2, "eval_crops": 1, "batch_size": 4}

@@ -220,8 +220,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                     run.task[key] = cfg[key]
         # the evaluation's own name, loggers and callbacks, resolved in evaluate.yaml (not the training run's)
         run.run_name = cfg.get("run_name") or f"eval-{run.get('run_name') or 'run'}"
-        own = OmegaConf.create({"run_name": run.run_name, "group": cfg.get("group"), "tags": list(cfg.get("tags") or []),
-                                "paths": cfg.paths, "logger": cfg.get("logger"), "callbacks": cfg.get("callbacks")})
+        own = OmegaConf.create({"run_name": run.run_name, "group": cfg.get("group"),
+                                "tags": list(cfg.get("tags") or []), "paths": cfg.paths,
+                                "logger": cfg.get("logger"), "callbacks": cfg.get("callbacks")})
         resolved = OmegaConf.to_container(own, resolve=True)
         run.paths, run.logger, run.callbacks = resolved["paths"], resolved["logger"], resolved["callbacks"]
         run.pretrained = run.init_from = None  # the checkpoint's weights replace any initialisation (no file reads)

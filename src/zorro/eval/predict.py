@@ -1,6 +1,7 @@
 """Top-k classes for your own files with a trained checkpoint.
 
-    python -m zorro.eval.predict --ckpt logs/runs/.../checkpoints/best.ckpt clip.mp4 song.wav [--top-k 5] [--json out.json]
+    python -m zorro.eval.predict --ckpt logs/runs/.../checkpoints/best.ckpt clip.mp4 song.wav [--top-k 5]
+        [--json out.json]
 
 Files of any length are decoded exactly as `data_prep` decodes them, cut into windows of the model's span
 (`num_frames` at the training frame rate, with audio of the same span; `--stride` seconds apart, a short

@@ -1,6 +1,7 @@
 """Turn a multirun directory into one table in the layout of the paper's Table 3.
 
-    python -m zorro.eval.sweep_report logs/multiruns/2026-11-24/12-00-00 [--stage auto] [--reading own] [--cv data.cv_fold]
+    python -m zorro.eval.sweep_report logs/multiruns/2026-11-24/12-00-00 [--stage auto] [--reading own]
+        [--cv data.cv_fold]
 
 Rows: the swept choices (the overrides that differ between jobs, e.g. masking); columns: V / A / A+V: with only
 video, only audio, or both inputs, read as the paper reads them (`--reading own`: V from the video head, A from
