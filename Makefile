@@ -38,8 +38,8 @@ table3-demo: install
 	$(PY) train.py -m experiment=table3_demo masking=zorro,two_streams,input_level,bottleneck \
 		data.root=$(T3)/shards hydra.sweep.dir=$(T3)/sweep
 	@echo "the same sweep with the all-heads average in every column (--reading avg):"
-	$(PY) -m zorro.report $(T3)/sweep --reading avg > $(T3)/sweep/report_avg.md && cat $(T3)/sweep/report_avg.md
-	$(PY) -m zorro.report $(T3)/sweep > /dev/null
+	$(PY) -m zorro.eval.sweep_report $(T3)/sweep --reading avg > $(T3)/sweep/report_avg.md && cat $(T3)/sweep/report_avg.md
+	$(PY) -m zorro.eval.sweep_report $(T3)/sweep > /dev/null
 	@echo "table3-demo done: the tables are in $(T3)/sweep/report.md and report_avg.md"
 
 demo-synthetic: install

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from zorro.run import train
+from zorro.run import evaluate, train
 
 from .conftest import ROOT, compose_cfg, run_script
 
@@ -20,13 +20,90 @@ def shard_checkpoint(demo_shards, tmp_path_factory):
 @pytest.mark.ddp
 def test_two_process_evaluation_counts_every_clip_once(shard_checkpoint, demo_shards, tmp_path):
     test_clips = json.loads((demo_shards / "manifest.json").read_text())["splits"]["test"]["num_samples"]
-    for devices, name in ((1, "single"), (2, "ddp")):
-        extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
-                 "trainer.sync_batchnorm=false", "trainer.precision=32-true"] if devices == 2 else []
-        run_script(ROOT / "evaluate.py", f"ckpt_path={shard_checkpoint}", f"hydra.run.dir={tmp_path / name}",
-                   "data.eval_windows=2", "data.eval_crops=2", *extra)
+    views = ["data.eval_windows=2", "data.eval_crops=2"]
+    evaluate(compose_cfg("evaluate", overrides=[f"ckpt_path={shard_checkpoint}", *views],
+                         output_dir=tmp_path / "single"))
+    run_script(ROOT / "evaluate.py", f"ckpt_path={shard_checkpoint}", f"hydra.run.dir={tmp_path / 'ddp'}", *views,
+               "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
+               "trainer.sync_batchnorm=false", "trainer.precision=32-true")
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert single["test/num_clips"] == ddp["test/num_clips"] == test_clips
     for key in ("test/audio_video/avg/top1", "test/audio/audio/top1", "test/video/video/top1"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6)  # the same clips, the same averaged views
+
+
+def _with_hydra_config(overrides):
+    """evaluate.yaml composed as the command line would, with HydraConfig set (what evaluate.py sees)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["ckpt_path=x.ckpt", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_eval_data_keeps_the_checkpoints_sampling_unless_the_group_names_another_loader():
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from zorro.run import eval_data
+
+    def run(target):
+        return OmegaConf.create({"seed": 0, "model": {"num_frames": 2, "image_size": 32, "sample_rate": 16000,
+                                                      "audio_seconds": 1.0},
+                                 "data": {"_target_": target, "root": "/old", "frame_rate": 1.0, "eval_windows": 2,
+                                          "eval_crops": 3, "batch_size": 4}})
+
+    shards, synthetic = "zorro.data.shards.ShardDataModule", "zorro.data.synthetic.SyntheticDataModule"
+    try:
+        for overrides in (["data=shards", "data.root=/new", "data.eval_crops=1"],
+                          ["data.root=/new", "data.eval_crops=1"]):
+            data = eval_data(_with_hydra_config(overrides), run(shards))  # the same loader: only the given values
+            assert OmegaConf.to_container(data) == {"_target_": shards, "root": "/new", "frame_rate": 1.0,
+                                                    "eval_windows": 2, "eval_crops": 1, "batch_size": 4}
+        other = run(synthetic)  # another loader: the group's config, as train.py composes it
+        other.data = eval_data(_with_hydra_config(["data=shards", "data.root=/new"]), other)
+        assert other.data._target_ == shards and other.data.root == "/new"
+        assert other.data.frame_rate == 3.125 and other.data.eval_windows == 4 and other.data.num_frames == 2
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_a_bad_checkpoint_path_is_one_line(tmp_path, monkeypatch, capsys):
+    """evaluate.py (its Hydra main, in this process): a missing or unreadable checkpoint is one line, exit 2."""
+    import runpy
+
+    from hydra.core.hydra_config import HydraConfig
+
+    for name, content, message in (("missing.ckpt", None, f"no such file {tmp_path / 'missing.ckpt'}"),
+                                   ("notes.ckpt", "not a checkpoint", f"cannot read {tmp_path / 'notes.ckpt'} as a")):
+        if content:
+            (tmp_path / name).write_text(content)
+        monkeypatch.setattr("sys.argv", ["evaluate.py", f"ckpt_path={tmp_path / name}",
+                                         f"hydra.run.dir={tmp_path / 'eval'}"])
+        try:
+            with pytest.raises(SystemExit) as exit_:
+                runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
+        finally:
+            HydraConfig.instance().cfg = None
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith(f"Error in config: ckpt_path: {message}")
+
+
+def test_sweep_job_directories_are_plain_text_the_override_parser_reads_back():
+    """Sweep job directories were `N_key=value,key=value` (hydra.job.override_dirname): a checkpoint path of one
+    stopped Hydra's override parser. tests/test_cross_validation.py evaluates a sweep's checkpoint by that path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from zorro.config import path_safe
+
+    name = path_safe("masking-zorro_tags-[a,b]_init_from-/ckpt/x.ckpt_~model.separate_weights")
+    assert name == "masking-zorro_tags-a+b_init_from-ckptx.ckpt_model.separate_weights"  # no nesting either
+    assert len(path_safe("data.cv_fold-1_" * 40)) <= 120
+    path = f"logs/multiruns/2026-11-29/12-00-00/0_{name}/checkpoints/last.ckpt"
+    assert OverridesParser.create().parse_override(f"ckpt_path={path}").value() == path

@@ -1,6 +1,6 @@
 import json
 
-from zorro.predict import main as predict_main
+from zorro.eval.predict import main as predict_main
 from zorro.run import train
 
 from .conftest import compose_cfg

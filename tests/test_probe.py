@@ -1,9 +1,13 @@
+import csv
 import json
 
+import pytest
 import torch
 
-from zorro.probe import train_linear
-from zorro.run import evaluate, train
+from zorro.eval.probe import probe_metrics, train_linear
+from zorro.run import build_task, evaluate, load_checkpoint, train
+from zorro.tasks import EVAL_INPUTS
+from zorro.tasks.base import model_inputs
 
 from .conftest import compose_cfg
 
@@ -16,19 +20,58 @@ def test_train_linear_separates_separable_features():
     assert (head(x).argmax(-1) == y).float().mean() > 0.95  # standardisation folded back into the layer
 
 
+@torch.no_grad()
+def _loop_features(backbone, loader, inputs=EVAL_INPUTS) -> dict:
+    """The probe's extraction before trainer.predict: a plain loop on the CPU, the reference for the numbers."""
+    backbone.eval()
+    feats = {i: {} for i in inputs}
+    labels, keys = [], []
+    for batch in loader:
+        for setting in inputs:
+            for name, value in backbone(**model_inputs(batch, setting)).items():
+                feats[setting].setdefault(name, []).append(value.float())
+        labels.append(batch["label"])
+        keys += list(batch["key"])
+    return {"features": {i: {n: torch.cat(v) for n, v in f.items()} for i, f in feats.items()},
+            "labels": torch.cat(labels), "keys": keys}
+
+
 def test_linear_probe_of_a_contrastive_checkpoint(tmp_path):
-    cfg = compose_cfg(overrides=["debug=tiny", "task=contrastive", "logger=none", "trainer.max_epochs=1",
-                                 "test=false"], output_dir=tmp_path / "run")
-    train(cfg)
+    """Features through trainer.predict: the same numbers as the plain CPU loop, the same probe metrics; and the
+    contrastive run's test leaves its retrieval report (RunReports)."""
+    cfg = compose_cfg(overrides=["debug=tiny", "task=contrastive", "logger=none", "trainer.max_epochs=1"],
+                      output_dir=tmp_path / "run")
+    trained = train(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "reports" / "test" / "retrieval_recall.csv")))
+    assert float(rows[0]["audio->video"]) == pytest.approx(trained["test/a2v_R@1"], abs=1e-4)
+    assert float(rows[0]["video->audio"]) == pytest.approx(trained["test/v2a_R@1"], abs=1e-4)
+
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     metrics = evaluate(compose_cfg("evaluate", overrides=[f"ckpt_path={ckpt}", "protocol=linear_probe",
                                                           "probe.epochs=5"], output_dir=tmp_path / "probe"))
     for inputs in ("audio_video", "audio", "video"):
         for head in ("audio", "video", "fusion", "global", "avg"):
             assert 0.0 <= metrics[f"probe/{inputs}/{head}/top1"] <= 1.0
-    saved = torch.load(tmp_path / "probe" / "features" / "test.pt", weights_only=False)
-    assert set(saved["features"]) == {"audio_video", "audio", "video"}
-    assert saved["features"]["audio"]["global"].shape == (32, 64)  # 32 test clips x tiny width
+    saved_test = torch.load(tmp_path / "probe" / "features" / "test.pt", weights_only=False)
+    saved_train = torch.load(tmp_path / "probe" / "features" / "train.pt", weights_only=False)
+    assert saved_test["features"]["audio"]["global"].shape == (32, 64)  # 32 test clips x tiny width
+
+    state, run = load_checkpoint(ckpt)
+    datamodule, task = build_task(run)
+    task.load_state_dict(state["state_dict"])
+    loop_train = _loop_features(task.backbone, datamodule.feature_dataloader("train"), inputs=("audio_video",))
+    loop_test = _loop_features(task.backbone, datamodule.feature_dataloader("test"))
+    for saved, loop in ((saved_train, loop_train), (saved_test, loop_test)):
+        assert saved["keys"] == loop["keys"] and torch.equal(saved["labels"], loop["labels"])
+        assert set(saved["features"]) == set(loop["features"])
+        for inputs, outputs in loop["features"].items():
+            for name, value in outputs.items():
+                assert torch.equal(saved["features"][inputs][name], value), (inputs, name)
+    info = datamodule.info
+    reference = probe_metrics(loop_train, loop_test, num_classes=info.num_classes, multi_label=info.multi_label,
+                              epochs=5, lr=1e-2, weight_decay=0.0, batch_size=256)
+    assert metrics == reference  # identical on the CPU, value for value
+
     saved = json.loads((tmp_path / "probe" / "metrics.json").read_text())
     assert saved.pop("eval_settings")["zero_input"] == "normalised"  # named in the printed table
     assert saved == metrics

@@ -1,24 +1,54 @@
+import csv
+import json
+
+import pytest
 import torch
 
-from zorro.reports import confusion, per_class_ap, write_classification_reports, write_retrieval_reports
+from zorro.eval.run_reports import (confusion, per_class_ap, write_classification_reports, write_retrieval_reports)
+from zorro.eval.tables import metric_table, own_head, table3_line
 
 
 def test_confusion_and_per_class_ap():
-    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
-    assert confusion(probs, torch.tensor([0, 1, 1])).tolist() == [[1, 0], [1, 1]]
-    ap = per_class_ap(probs, torch.tensor([[1, 0], [0, 0], [1, 0]]))
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1]])
+    # rows: true class, columns: predicted (argmax); true 1 predicted 0 once, true 2 predicted 1 once
+    assert confusion(probs, torch.tensor([0, 1, 1, 2, 2])).tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    ap = per_class_ap(probs[:3, :2], torch.tensor([[1, 0], [0, 0], [1, 0]]))
     assert ap[0] == 1.0 and torch.isnan(ap[1])  # no positives: not a number, not a zero
+
+
+def test_one_table_formatter_for_the_run_table_and_the_table3_line():
+    metrics = {"test/audio_video/avg/top1": 1.0, "test/audio/audio/top1": 0.5, "test/video/video/top1": 0.25,
+               "test/audio/avg/top1": 0.4, "test/audio_video/fusion/top1": 0.875, "val/audio/audio/top1": 0.1}
+    lines = metric_table(metrics, "test").splitlines()
+    assert lines[0].split() == ["output", "metric", "V", "A", "A+V"]
+    # heads in the order audio, video, fusion, avg; "-" where that input setting was not evaluated
+    assert [line.split() for line in lines[1:]] == [["audio", "top1", "-", "50.0", "-"],
+                                                    ["video", "top1", "25.0", "-", "-"],
+                                                    ["fusion", "top1", "-", "-", "87.5"],
+                                                    ["avg", "top1", "-", "40.0", "100.0"]]
+    assert table3_line(metrics, "test").splitlines()[0] == "Table 3 (top1, %): V 25.0  A 50.0  A+V 100.0"
+    assert own_head("audio", ["audio", "video"]) == "audio" and own_head("audio", ["fusion"]) == "avg"
+    assert own_head("audio_video", ["audio"]) == "avg"
 
 
 def test_reports_are_written(tmp_path):
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(20, 3, generator=g).softmax(-1)
     labels = torch.randint(0, 3, (20,), generator=g)
-    scores = {"test/audio_video/avg/top1": 0.5, "test/audio/avg/top1": 0.4, "test/video/avg/top1": 0.3}
+    scores = {"test/audio_video/avg/top1": 0.5, "test/audio/avg/top1": 0.4, "test/video/avg/top1": 0.3,
+              "test/audio/audio/top1": 0.45}
     images = write_classification_reports(tmp_path / "single", scores, {"audio_video": (probs, labels)},
                                           class_names=["a", "b", "c"], multi_label=False, stage="test")
     assert [p.name for p in images] == ["confusion_matrix.png"] and images[0].stat().st_size > 1000
-    assert (tmp_path / "single" / "table.csv").read_text().splitlines()[1] == "avg top1,30.00,40.00,50.00"
+    assert (tmp_path / "single" / "table.csv").read_text().splitlines() == [
+        "output,metric,V,A,A+V", "audio,top1,-,45.00,-", "avg,top1,30.00,40.00,50.00"]
+    assert json.loads((tmp_path / "single" / "table.json").read_text())["avg top1"] == {"V": 0.3, "A": 0.4, "A+V": 0.5}
+    rows = list(csv.reader(open(tmp_path / "single" / "confusion_matrix.csv")))
+    assert rows[0] == ["true \\ predicted", "a", "b", "c"]
+    counts = torch.tensor([[int(c) for c in r[1:]] for r in rows[1:]])
+    for t in range(3):  # each cell counts the clips of true class t predicted as class p
+        for p in range(3):
+            assert counts[t, p] == int(((labels == t) & (probs.argmax(1) == p)).sum())
     multi = (torch.rand(20, 3, generator=g) > 0.5).long()
     images = write_classification_reports(tmp_path / "multi", {}, {"audio_video": (probs, multi)},
                                           class_names=["a", "b", "c"], multi_label=True, stage="test")
@@ -41,7 +71,7 @@ def _job(root, name, masking, metrics, settings=None):
 def test_sweep_report_reads_each_modality_from_its_own_head(tmp_path):
     """The paper's Table 3 reading: V from the video head, A from the audio head (the joint heads lean on the
     zeroed modality, and averaging them in made every masking print the same V column)."""
-    from zorro.report import write_report
+    from zorro.eval.sweep_report import write_report
 
     def metrics(v_own, a_own, v_avg, a_avg, av):
         return {"test/video/video/top1": v_own, "test/audio/audio/top1": a_own, "test/video/avg/top1": v_avg,
@@ -60,7 +90,7 @@ def test_sweep_report_reads_each_modality_from_its_own_head(tmp_path):
 
 
 def test_sweep_report_prefers_the_linear_probe_and_falls_back_without_own_heads(tmp_path):
-    from zorro.report import write_report
+    from zorro.eval.sweep_report import write_report
 
     _job(tmp_path, "0_zorro", "zorro", {"probe/video/video/mAP": 0.2, "probe/audio/audio/mAP": 0.3,
                                         "probe/audio_video/avg/mAP": 0.4, "val/score": 0.1})
@@ -70,3 +100,23 @@ def test_sweep_report_prefers_the_linear_probe_and_falls_back_without_own_heads(
     assert table.splitlines()[0] == "| masking | V mAP | A mAP | A+V mAP |"
     assert "| zorro | 20.0 | 30.0 | 40.0 |" in table and "| cav | 10.0 | 15.0 | 20.0 |" in table
     assert "linear probe" in table
+
+
+def test_run_reports_callback_writes_the_test_reports_of_a_run(tmp_path):
+    """train.py's default callbacks: the RunReports callback writes reports/test from the task's eval_result."""
+    from zorro.run import train
+
+    from .conftest import compose_cfg
+
+    metrics = train(compose_cfg(overrides=["debug=tiny", "logger=none", "trainer.max_epochs=1"],
+                                output_dir=tmp_path))
+    out = tmp_path / "reports" / "test"
+    rows = list(csv.reader(open(out / "confusion_matrix.csv")))
+    counts = torch.tensor([[int(c) for c in r[1:]] for r in rows[1:]])
+    assert counts.sum() == metrics["test/num_clips"] == 32  # every test clip once
+    assert float(counts.trace() / counts.sum()) == pytest.approx(metrics["test/audio_video/avg/top1"])
+    table = {tuple(r[:2]): r[2:] for r in csv.reader(open(out / "table.csv"))}
+    assert table["avg", "top1"][2] == f"{100 * metrics['test/audio_video/avg/top1']:.2f}"
+    assert table["audio", "top1"][1] == f"{100 * metrics['test/audio/audio/top1']:.2f}"
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+    assert not (tmp_path / "reports" / "val").exists()  # validation epochs write no reports

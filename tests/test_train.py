@@ -101,7 +101,7 @@ def test_masking_sweep_multirun(tmp_path):
     for job in jobs:  # every run leaves its reports for people without W&B
         assert (tmp_path / job / "reports" / "test" / "confusion_matrix.png").exists()
     assert "sweep report" in proc.stdout and "| masking | V top1 | A top1 | A+V top1 |" in proc.stdout  # one command
-    report = run_script("-m", "zorro.report", tmp_path).stdout  # the Table 3 layout, again from the directory
+    report = run_script("-m", "zorro.eval.sweep_report", tmp_path).stdout  # the Table 3 layout, again from the directory
     table, captions = report.strip().split("\n\n")
     lines = table.splitlines()
     assert lines[0] == "| masking | V top1 | A top1 | A+V top1 |" and len(lines) == 2 + 4

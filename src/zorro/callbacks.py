@@ -53,7 +53,7 @@ def save_reconstruction(backbone, batch: dict, path: Path, *, num_samples: int =
                         mask_mode: str = "random", title: str = "") -> Path:
     """Run `backbone.pretrain_forward` (eval mode: middle frame, no augmentation) on the first samples of
     `batch` and save the picture to `path` (PNG). Returns the path."""
-    from .reports import _plt
+    from .eval.run_reports import _plt
 
     n = min(num_samples, len(next(v for v in batch.values() if torch.is_tensor(v))))
     first = {k: batch[k][:n] if batch.get(k) is not None else None

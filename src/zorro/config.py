@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 import typing
 
 from hydra.utils import get_object
@@ -26,6 +27,19 @@ def _required(name: str):
 
 if not OmegaConf.has_resolver("required"):
     OmegaConf.register_new_resolver("required", _required)
+
+
+def path_safe(text: str, max_len: int = 120) -> str:
+    """A sweep job's directory name from its overrides (train.yaml hydra.sweep.subdir), e.g. masking-zorro_tags-a+b:
+    only characters that Hydra's override grammar reads as plain text, so the job's paths can be passed back on the
+    command line (`evaluate.py ckpt_path=<sweep>/0_masking-zorro/checkpoints/last.ckpt`): list commas become `+`,
+    brackets, quotes, `=` and `/` (which would nest directories) are dropped; long names are cut."""
+    text = re.sub(r"[^A-Za-z0-9._+-]", "", str(text).replace(",", "+"))
+    return text[:max_len].rstrip("._+-")
+
+
+if not OmegaConf.has_resolver("path_safe"):
+    OmegaConf.register_new_resolver("path_safe", path_safe)
 
 
 # Keys a task reads from a group's config instead of passing them to its target.

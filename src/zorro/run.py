@@ -21,7 +21,7 @@ from .config import ConfigError, check_config
 from .models import count_parameters
 from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from .preemption import resolve_ckpt_path
-from .tasks import EVAL_INPUTS
+from .eval.tables import metric_table, table3_line
 from .tasks.base import checkpoint_run
 
 log = logging.getLogger("zorro")
@@ -71,8 +71,6 @@ def build_task(cfg: DictConfig):
                        scheduler=scheduler)
     task.run_config = OmegaConf.to_container(cfg, resolve=True)  # saved in checkpoints for evaluate.py
     task.dataset_info = datamodule.info
-    if cfg.get("paths") and cfg.paths.get("output_dir"):
-        task.report_dir = str(Path(cfg.paths.output_dir) / "reports")
     return datamodule, task
 
 
@@ -155,7 +153,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if best:
             task.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
         split = "test" if datamodule.has_split("test") else "val"
-        probe_metrics, settings = run_probe(cfg.probe, datamodule, task.backbone, split,
+        probe_metrics, settings = run_probe(cfg.probe, datamodule, trainer, task, split,
                                             out / "probe" if out is not None else None)
         metrics.update(probe_metrics)
     if out is not None and out.is_dir():
@@ -167,104 +165,126 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def load_checkpoint(path) -> tuple[dict, DictConfig]:
+    """(checkpoint, its run config) of a train.py checkpoint; a one-line ConfigError for a bad path or file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise ConfigError(f"ckpt_path: no such file {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"ckpt_path: {path} is a directory, not a checkpoint file") from None
+    except Exception as e:  # a truncated or foreign file: torch/pickle raise many kinds
+        raise ConfigError(f"ckpt_path: cannot read {path} as a checkpoint ({type(e).__name__}: {e})") from None
+    try:
+        return ckpt, OmegaConf.create(checkpoint_run(ckpt)[0])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"ckpt_path: {path}: {e}") from None
+
+
+def _command_line_keys(prefix: str) -> set[str] | None:
+    """The `prefix.*` keys set on the command line (`data.root=...`, `+data.x=...`); None outside Hydra's app."""
+    if not HydraConfig.initialized():
+        return None
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    return {k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)}
+
+
+def eval_data(cfg: DictConfig, run: DictConfig) -> DictConfig:
+    """The data config of an evaluation. It is the checkpoint's (the sampling the model was trained with:
+    frame rate, audio alignment, views), with the `data.*` values given on the command line on top. `data=GROUP`
+    is accepted: with the checkpoint's own loader it changes nothing but the given values (so `data=shards
+    data.root=DIR` evaluates on other shards exactly as trained); with another loader (a checkpoint trained on
+    synthetic or mixed data) the group's config replaces the checkpoint's, as train.py would compose it."""
+    given = OmegaConf.to_container(cfg.get("data") or {}, resolve=False)  # interpolations read the run's model
+    target = given.get("_target_")
+    if target and target != run.data.get("_target_"):
+        return OmegaConf.create({k: v for k, v in given.items() if v is not None})
+    # a group's own values are not "given" (outside Hydra's command line, e.g. compose() in tests, they are)
+    keys = _command_line_keys("data.") if target else None
+    return OmegaConf.merge(run.data, {k: v for k, v in given.items()
+                                      if v is not None and k != "_target_" and (keys is None or k in keys)})
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test-set metrics of a checkpoint for A, V and A+V inputs; printed as a table, saved as metrics.json."""
-    check_config(cfg, required=("ckpt_path",))
-    ckpt = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
-    run = OmegaConf.create(checkpoint_run(ckpt)[0])
-    overrides = {k: v for k, v in OmegaConf.to_container(cfg.get("data") or {}).items() if v is not None}
-    run.data = OmegaConf.merge(run.data, overrides)
-    run.trainer = cfg.trainer
-    if "eval_inputs" in run.task:  # supervised checkpoints: how the V / A / A+V settings are evaluated
-        with open_dict(run):
+    """Test-set metrics of a checkpoint for A, V and A+V inputs; printed as a table, saved as metrics.json,
+    the run reports written by the RunReports callback (evaluate.yaml `callbacks`), logged by `logger=...`."""
+    check_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "data"]))  # data: checked once merged
+    ckpt, run = load_checkpoint(cfg.ckpt_path)
+    with open_dict(run):
+        run.data = eval_data(cfg, run)
+        run.trainer = cfg.trainer
+        if "eval_inputs" in run.task:  # supervised checkpoints: how the V / A / A+V settings are evaluated
             run.task.eval_inputs = list(cfg.eval_inputs)
             for key in ("unimodal_eval", "zero_input"):
                 if cfg.get(key) is not None:
                     run.task[key] = cfg[key]
-    run.logger, run.callbacks = None, None
-    run.pretrained = run.init_from = None  # the checkpoint's weights replace any initialisation (no file reads)
-    with open_dict(run):
-        run.paths = cfg.paths
+        # the evaluation's own name, loggers and callbacks, resolved in evaluate.yaml (not the training run's)
+        run.run_name = cfg.get("run_name") or f"eval-{run.get('run_name') or 'run'}"
+        own = OmegaConf.create({"run_name": run.run_name, "group": cfg.get("group"),
+                                "tags": list(cfg.get("tags") or []), "paths": cfg.paths,
+                                "logger": cfg.get("logger"), "callbacks": cfg.get("callbacks")})
+        resolved = OmegaConf.to_container(own, resolve=True)
+        run.paths, run.logger, run.callbacks = resolved["paths"], resolved["logger"], resolved["callbacks"]
+        run.pretrained = run.init_from = None  # the checkpoint's weights replace any initialisation (no file reads)
     split = cfg.get("split", "test")
     if cfg.get("protocol", "test") == "linear_probe":
         return _linear_probe(cfg, run, ckpt, split)
     datamodule, task, trainer = build(run)
     if not datamodule.has_split(split):
-        raise ValueError(f"the data has no {split!r} split")
+        raise ConfigError(f"split: the data has no {split!r} split")
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"ckpt_path": str(cfg.ckpt_path), "split": split, **checkpoint_run(ckpt)[0]})
     run_eval = trainer.test if split == "test" else trainer.validate
     run_eval(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
     metrics = _scalars(trainer.callback_metrics)
     settings = task.eval_settings() if hasattr(task, "eval_settings") else None
     _report(metrics, "test" if split == "test" else "val", settings)
-    out = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        _save_metrics(Path(cfg.paths.output_dir), metrics, settings)
+    return metrics
+
+
+def _save_metrics(out: Path, metrics: dict[str, float], settings: dict | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     saved = {**metrics, **({"eval_settings": settings} if settings else {})}
     (out / "metrics.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
     log.info("metrics written to %s", out / "metrics.json")
-    return metrics
 
 
-def run_probe(probe_cfg: DictConfig, datamodule, backbone, split: str, out: Path | None):
-    """The linear-probe protocol on a frozen backbone: (probe/* metrics, the settings of its unimodal columns)."""
-    from .probe import linear_probe
+def run_probe(probe_cfg: DictConfig, datamodule, trainer: pl.Trainer, task, split: str, out: Path | None):
+    """The linear-probe protocol on the task's frozen backbone, its features extracted by `trainer.predict`:
+    (probe/* metrics, the settings of its unimodal columns)."""
+    from .eval.probe import linear_probe
 
     for stage in ("train", split):
         if not datamodule.has_split(stage):
-            raise ValueError(f"the linear probe needs a {stage!r} split")
-    if out is not None:
+            raise ConfigError(f"the linear probe needs a {stage!r} split")
+    if out is not None and trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
     info = datamodule.info
     kwargs = OmegaConf.to_container(probe_cfg)
-    metrics = linear_probe(backbone, datamodule.feature_dataloader("train"), datamodule.feature_dataloader(split),
+    metrics = linear_probe(trainer, task, datamodule.feature_dataloader("train"), datamodule.feature_dataloader(split),
                            num_classes=info.num_classes, multi_label=info.multi_label, out_dir=out, **kwargs)
     settings = {"zero_input": kwargs.get("zero_input", "normalised"), "unimodal_eval": "zeros",
                 "dropped_stream": "none"}
-    _report(metrics, "probe", settings)
+    if trainer.is_global_zero:
+        _report(metrics, "probe", settings)
     return metrics, settings
 
 
 def _linear_probe(cfg: DictConfig, run: DictConfig, ckpt: dict, split: str) -> dict[str, float]:
-    datamodule, task = build_task(run)
+    datamodule, task, trainer = build(run)
     task.load_state_dict(ckpt["state_dict"])
     out = Path(cfg.paths.output_dir)
-    metrics, settings = run_probe(cfg.probe, datamodule, task.backbone, split, out)
-    (out / "metrics.json").write_text(json.dumps({**metrics, "eval_settings": settings}, indent=2, sort_keys=True))
-    log.info("linear-probe metrics and features written to %s", out)
+    metrics, settings = run_probe(cfg.probe, datamodule, trainer, task, split, out)
+    if trainer.is_global_zero:
+        _save_metrics(out, metrics, settings)
+        log.info("linear-probe features written to %s", out / "features")
     return metrics
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if torch.as_tensor(v).numel() == 1}
-
-
-def metric_table(metrics: dict[str, float], stage: str) -> str:
-    """Rows: outputs (and their average); columns: V / A / A+V inputs (the paper's Table 3 layout)."""
-    cells: dict[tuple[str, str], dict[str, float]] = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) == 4 and parts[0] == stage and parts[1] in EVAL_INPUTS:
-            cells.setdefault((parts[2], parts[3]), {})[parts[1]] = value
-    if not cells:
-        return ""
-    columns = [("video", "V"), ("audio", "A"), ("audio_video", "A+V")]
-    lines = [f"{'output':<10} {'metric':<6} " + " ".join(f"{c:>7}" for _, c in columns)]
-    order = {"audio": 0, "video": 1, "fusion": 2, "global": 3, "avg": 4}
-    for (name, metric), row in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
-        values = " ".join(f"{100 * row[c]:7.1f}" if c in row else f"{'-':>7}" for c, _ in columns)
-        lines.append(f"{name:<10} {metric:<6} {values}")
-    return "\n".join(lines)
-
-
-def table3_line(metrics: dict[str, float], stage: str, settings: dict | None = None) -> str:
-    """The run's row of the paper's Table 3 (V / A / A+V, read as the paper reads them) and what it means."""
-    from .report import COLUMNS, caption, column_value, metric_name
-
-    metric = metric_name(metrics, stage)
-    if metric is None:
-        return ""
-    cells = [column_value(metrics, stage, inputs, "own", metric) for inputs, _ in COLUMNS]
-    row = "  ".join(f"{label} {'-' if v is None else f'{100 * v:.1f}'}" for (_, label), v in zip(COLUMNS, cells))
-    return f"Table 3 ({metric}, %): {row}\n  ({caption('own', settings, stage)})"
 
 
 def _report(metrics: dict[str, float], stage: str, settings: dict | None = None) -> None:

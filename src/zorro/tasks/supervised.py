@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from ..data.info import DatasetInfo
+from ..eval.tables import own_head
 from .base import EVAL_INPUTS, ZERO_INPUTS, BaseTask, EvalResult, model_inputs, modality_flags
 from .metrics import ClipPredictions, classification_scores
 
@@ -211,9 +212,3 @@ class SupervisedTask(BaseTask):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.test_clips, "test")
 
-
-def own_head(inputs: str, output_names: Sequence[str]) -> str:
-    """The head a Table-3 column reads: V the video head, A the audio head (each sees its modality; Table 3's
-    "two streams A 40.1 above Zorro's 39.7" only reads this way), A+V the average of all heads. Backbones
-    without that unimodal head fall back to the average."""
-    return inputs if inputs in ("audio", "video") and inputs in output_names else "avg"

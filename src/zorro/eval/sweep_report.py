@@ -1,6 +1,7 @@
 """Turn a multirun directory into one table in the layout of the paper's Table 3.
 
-    python -m zorro.report logs/multiruns/2026-11-24/12-00-00 [--stage auto] [--reading own] [--cv data.cv_fold]
+    python -m zorro.eval.sweep_report logs/multiruns/2026-11-24/12-00-00 [--stage auto] [--reading own]
+        [--cv data.cv_fold]
 
 Rows: the swept choices (the overrides that differ between jobs, e.g. masking); columns: V / A / A+V: with only
 video, only audio, or both inputs, read as the paper reads them (`--reading own`: V from the video head, A from
@@ -13,67 +14,14 @@ differ only in KEY (e.g. the 5 ESC-50 folds) become one row with mean +- std. Pr
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
 import yaml
 
-COLUMNS = (("video", "V"), ("audio", "A"), ("audio_video", "A+V"))
-# How the V and A columns are read. "own" (default): each modality's own head, the video head for V and the
-# audio head for A, with the other modality zeroed; A+V is the average of every head. This is the reading under
-# which the paper's Table 3 makes sense (two streams A 40.1 above Zorro's 39.7; input level V 9.1 against Zorro's
-# 22.5): the fusion and global heads lean on the zeroed modality, and averaging them in hides the difference
-# between maskings. "avg": the all-heads average in every column. A head name: that head in every column.
-READINGS = ("own", "avg", "audio", "video", "fusion", "global")
-
-
-def column_head(inputs: str, reading: str) -> str:
-    if reading == "own":
-        return inputs if inputs in ("audio", "video") else "avg"
-    return reading
-
-
-def metric_name(metrics: dict, stage: str) -> str | None:
-    for name in ("mAP", "top1", "R@1"):
-        if any(k.startswith(f"{stage}/") and k.endswith(f"/{name}") for k in metrics):
-            return name
-    return None
-
-
-def table_stage(metrics: dict, stage: str = "auto") -> str:
-    """auto: the linear probe's metrics when the run has them (self-supervised Table 3), else the test set's."""
-    if stage != "auto":
-        return stage
-    return "probe" if any(k.startswith("probe/") for k in metrics) else "test"
-
-
-def column_value(metrics: dict, stage: str, inputs: str, reading: str, metric: str) -> float | None:
-    """The Table-3 cell; an own-head reading falls back to the average for backbones without that head."""
-    for head in dict.fromkeys((column_head(inputs, reading), "avg" if reading == "own" else None)):
-        if head and (key := f"{stage}/{inputs}/{head}/{metric}") in metrics:
-            return metrics[key]
-    return None
-
-
-def caption(reading: str, settings: dict | None, stage: str) -> str:
-    """One line naming the choices behind the V and A columns."""
-    heads = {"own": "V = video head, A = audio head, A+V = all heads averaged",
-             "avg": "every column = all heads averaged"}.get(reading, f"every column = the {reading} head")
-    settings = settings or {}
-    zero = {"normalised": "the absent modality zeroed at the normalised model input (paper)",
-            "raw": "the absent modality zeroed as raw input (silence / black frames)"}[settings.get("zero_input",
-                                                                                                  "normalised")]
-    dropped = settings.get("dropped_stream", "none")
-    fast = ""
-    if dropped not in ("none", ""):
-        which = " and ".join({"audio": "A", "video": "V"}[d] for d in dropped.split(","))
-        fast = f"; {which} computed with the other stream left out (exactly the zero-filled value of the own head)"
-        if reading != "own":
-            fast += ", other heads not scored there (task.unimodal_eval=zeros scores them)"
-    probe = "linear probe on frozen features; " if stage == "probe" else ""
-    return f"{probe}{heads}; {zero}{fast}"
+from .tables import (COLUMNS, READINGS, caption, column_value, metric_name, percent, render, table_stage,
+                     write_csv)
 
 
 def load_jobs(root: Path) -> list[dict]:
@@ -118,19 +66,13 @@ def build_table(jobs: list[dict], stage: str = "auto", reading: str = "own",
             elif cv:
                 mean = sum(values) / len(values)
                 std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
-                row.append(f"{100 * mean:.1f} ± {100 * std:.1f}")
+                row.append(f"{percent(mean)} ± {percent(std)}")
             else:
-                row.append(f"{100 * values[0]:.1f}")
+                row.append(percent(values[0]))
         if cv:
             row.append(",".join(sorted(m["overrides"].get(cv, "?") for m in members)))
         rows.append(row)
     return header, rows
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def write_report(root: Path, *, stage: str = "auto", reading: str = "own", cv: str | None = None) -> str:
@@ -147,10 +89,9 @@ def write_report(root: Path, *, stage: str = "auto", reading: str = "own", cv: s
         captions.setdefault(caption(reading, j["settings"], table_stage(j["metrics"], stage)), []).append(label)
     lines = [f"Columns: {c}." if len(captions) == 1 else f"Columns ({', '.join(dict.fromkeys(rows_))}): {c}."
              for c, rows_ in captions.items()]
-    table = markdown(header, rows) + "\n\n" + "\n".join(lines)
+    table = render(header, rows, "markdown") + "\n\n" + "\n".join(lines)
     (root / "report.md").write_text(table + "\n")
-    with open(root / "report.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+    write_csv(root / "report.csv", header, rows)
     return table
 
 
@@ -178,7 +119,7 @@ class SweepReport(_HydraCallback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m zorro.eval.sweep_report", description=__doc__.splitlines()[0])
     p.add_argument("multirun_dir", type=Path)
     p.add_argument("--stage", default="auto", choices=["auto", "test", "val", "probe"],
                    help="auto: the linear probe's metrics when a run has them, else the test set's")

@@ -1,6 +1,7 @@
 """Top-k classes for your own files with a trained checkpoint.
 
-    python -m zorro.predict --ckpt logs/runs/.../checkpoints/best.ckpt clip.mp4 song.wav [--top-k 5] [--json out.json]
+    python -m zorro.eval.predict --ckpt logs/runs/.../checkpoints/best.ckpt clip.mp4 song.wav [--top-k 5]
+        [--json out.json]
 
 Files of any length are decoded exactly as `data_prep` decodes them, cut into windows of the model's span
 (`num_frames` at the training frame rate, with audio of the same span; `--stride` seconds apart, a short
@@ -19,9 +20,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from .tasks.base import checkpoint_run
-from .data.media import MediaError, decode_media
-from .data.transforms import crop_resize, eval_crop_boxes, window_audio, window_frame_indices, window_starts
+from ..tasks.base import checkpoint_run
+from ..data.media import MediaError, decode_media
+from ..data.transforms import crop_resize, eval_crop_boxes, window_audio, window_frame_indices, window_starts
 
 
 def load_predictor(ckpt_path: str):
@@ -71,7 +72,7 @@ def predict_file(task, path: str, *, num_frames: int, frame_rate: float, image_s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zorro.predict", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m zorro.eval.predict", description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (task=supervised)")
     p.add_argument("--top-k", type=int, default=5)

@@ -1,6 +1,7 @@
-"""Evaluation reports for people, written to the run directory (PNG/CSV/JSON) and logged to W&B when it is used:
-per-class AP (multi-label) or a confusion matrix (single-label) of the averaged A+V prediction, the V / A / A+V
-table, and retrieval recall@k curves for contrastive models."""
+"""A run's evaluation reports for people, written to `<run dir>/reports/<stage>/` (PNG/CSV/JSON) by the
+RunReports callback and logged to W&B when it is used: per-class AP (multi-label) or a confusion matrix
+(single-label) of the averaged A+V prediction, the V / A / A+V table, and retrieval recall@k curves for
+contrastive models. (The sweep's one table across runs is `sweep_report`.)"""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import lightning.pytorch as pl
 import torch
+from torchmetrics.functional.classification import multiclass_confusion_matrix, multilabel_average_precision
 
-INPUT_LABELS = {"video": "V", "audio": "A", "audio_video": "A+V"}
+from .tables import COLUMNS, cells, head_rows, write_csv
 
 
 def _plt():
@@ -24,16 +27,13 @@ def _plt():
 
 
 def per_class_ap(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from torchmetrics.functional.classification import multilabel_average_precision
-
     ap = multilabel_average_precision(probs, labels.long(), num_labels=probs.shape[1], average=None)
     return torch.where(labels.sum(0) > 0, ap, torch.full_like(ap, float("nan")))
 
 
 def confusion(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    C = probs.shape[1]
-    idx = labels.long() * C + probs.argmax(1)
-    return torch.bincount(idx, minlength=C * C).view(C, C)
+    """C x C counts: row = true class, column = predicted class (the argmax of `probs`)."""
+    return multiclass_confusion_matrix(probs, labels.long(), num_classes=probs.shape[1])
 
 
 def write_classification_reports(out: Path, scores: dict[str, float], predictions: dict, *,
@@ -41,16 +41,10 @@ def write_classification_reports(out: Path, scores: dict[str, float], prediction
     """predictions: {inputs: (clip probs, clip labels)} of the averaged head. Returns the images written."""
     out.mkdir(parents=True, exist_ok=True)
     plt, images = _plt(), []
-    table = {}  # head -> {V, A, A+V}
-    for key, value in scores.items():
-        parts = key.split("/")
-        if len(parts) == 4 and parts[1] in INPUT_LABELS:
-            table.setdefault(f"{parts[2]} {parts[3]}", {})[INPUT_LABELS[parts[1]]] = value
-    with open(out / "table.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["output metric", "V", "A", "A+V"])
-        for row, cols in sorted(table.items()):
-            w.writerow([row, *(f"{100 * cols[c]:.2f}" if c in cols else "" for c in ("V", "A", "A+V"))])
+    write_csv(out / "table.csv", *head_rows(scores, stage, digits=2))
+    labels_of = dict(COLUMNS)
+    table = {f"{head} {metric}": {labels_of[i]: v for i, v in row.items()}
+             for (head, metric), row in cells(scores, stage).items()}
     (out / "table.json").write_text(json.dumps(table, indent=2, sort_keys=True))
     if "audio_video" not in predictions:
         return images
@@ -136,3 +130,43 @@ def log_images(loggers, images: list[Path], stage: str) -> None:
         if hasattr(logger, "log_image"):  # WandbLogger
             for path in images:
                 logger.log_image(key=f"{stage}/{path.stem}", images=[str(path)])
+
+
+def write_run_reports(out: Path, result, *, class_names: Sequence[str] = (),
+                      multi_label: bool | None = None) -> list[Path]:
+    """Every report of one evaluation epoch (a task's EvalResult) into `out`; returns the images written.
+    multi_label: None reads it from the labels (clip x class for multi-label, a class index otherwise)."""
+    images = []
+    if result.predictions:  # supervised: the table and the averaged A+V prediction's per-class picture
+        if multi_label is None:
+            multi_label = next(iter(result.predictions.values()))[1].ndim == 2
+        images += write_classification_reports(out, result.scores, result.predictions, class_names=class_names,
+                                               multi_label=multi_label, stage=result.stage)
+    if result.embeddings is not None:  # retrieval: recall@k curves of the clip embeddings
+        images += write_retrieval_reports(out, *result.embeddings, stage=result.stage)
+    return images
+
+
+class RunReports(pl.Callback):
+    """Writes the test reports of `pl_module.eval_result` into `<dirpath>/<stage>/` (default dirpath:
+    `<trainer.default_root_dir>/reports`) on global rank 0 and logs the images to the W&B logger.
+
+    It runs in `on_test_end`: Lightning calls a callback's `on_test_epoch_end` before the module's, where the task
+    sets `eval_result`, so the result read there would be the previous one."""
+
+    def __init__(self, dirpath: str | None = None):
+        self.dirpath = dirpath
+        self._before = None
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._before = getattr(pl_module, "eval_result", None)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        result = getattr(pl_module, "eval_result", None)
+        if result is None or result is self._before or not trainer.is_global_zero:
+            return  # this test epoch produced nothing (e.g. fewer than two clips to retrieve among)
+        out = Path(self.dirpath or Path(trainer.default_root_dir) / "reports") / result.stage
+        info = getattr(pl_module, "dataset", None)
+        images = write_run_reports(out, result, class_names=getattr(info, "class_names", ()) or (),
+                                   multi_label=getattr(info, "multi_label", None))
+        log_images(trainer.loggers, images, result.stage)
