@@ -8,7 +8,9 @@ pretrained=True)` once, then `torch.save(model.state_dict(), path)`, or an offic
   grid, or the frames' grid repeated over time for video); class-token entries are dropped;
 - patch embeddings: an RGB kernel becomes the 1-channel spectrogram kernel by summing over colour (the
   AST recipe), and kernels are resized when the patch size differs (timm's `resample_patch_embed`);
-- Swin relative-position-bias tables: resized bicubically to the target window.
+- Swin (`swin_into_streams`): a timm 2D Swin into Zorro-Swin's audio stream and, inflated as Video Swin does,
+  its video stream; relative-position-bias tables are cropped to windows clamped to a small grid or resized
+  bicubically (timm's `resize_rel_pos_bias_table_simple`) to a larger window, here and nowhere else.
 
 Everything else that does not match is reported, never silently dropped: the report lists loaded, resized,
 missing (left at their initialisation) and unexpected (not used) keys.
@@ -17,12 +19,13 @@ missing (left at their initialisation) and unexpected (not used) keys.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resize_rel_pos_bias_table_simple
 from torch import nn
 
 from .layers import resample_pos_embed
@@ -124,7 +127,10 @@ def _adapt(key, value, want, channels_to_one, grid):
     if value.shape == want.shape:
         return value, ", ".join(how)
     if "relative_position_bias_table" in key and value.ndim == want.ndim == 2 and value.shape[1] == want.shape[1]:
-        return _resize_bias_table(value, want.shape[0]), "relative-position-bias table resized"
+        side = math.isqrt(want.shape[0])
+        if side * side != want.shape[0]:
+            raise ValueError(f"relative-position-bias tables must be square: {value.shape[0]} -> {want.shape[0]}")
+        return resize_bias_table(value, ((side + 1) // 2,) * 2), "relative-position-bias table resized"
     if grid is not None and value.ndim == 3 and want.ndim == 3 and value.shape[-1] == want.shape[-1]:
         side = math.isqrt(value.shape[1])  # class / register tokens sit in front of the grid
         pos = value[:, value.shape[1] - side * side:]
@@ -137,15 +143,6 @@ def _adapt(key, value, want, channels_to_one, grid):
     return None, ""
 
 
-def _resize_bias_table(table: torch.Tensor, rows: int) -> torch.Tensor:
-    old, new = math.isqrt(table.shape[0]), math.isqrt(rows)
-    if old * old != table.shape[0] or new * new != rows:
-        raise ValueError(f"relative-position-bias tables must be square: {table.shape[0]} -> {rows}")
-    grid = table.T.reshape(1, -1, old, old)
-    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
-    return grid.reshape(-1, rows).T.to(table.dtype)
-
-
 def _is_buffer_only(module: nn.Module, key: str) -> bool:
     """Non-persistent-looking buffers (index tables, masks) are rebuilt by the model, not loaded."""
     return key not in dict(module.named_parameters()) and any(
@@ -154,3 +151,68 @@ def _is_buffer_only(module: nn.Module, key: str) -> bool:
 
 def _summarise(keys: list[str], limit: int = 12) -> list[str]:
     return keys if len(keys) <= limit else keys[:limit] + [f"... and {len(keys) - limit} more"]
+
+
+# -- timm 2D Swin -> Zorro-Swin's streams -----------------------------------------------------------------------
+def swin_into_streams(model: nn.Module, state: Mapping[str, torch.Tensor],
+                      streams: Sequence[str] = ("audio", "video")) -> dict[str, torch.Tensor]:
+    """A timm 2D Swin state dict renamed and fitted onto the Swin streams `streams` of `model` (keys
+    `{stream}.{timm key}`), for `load_into`. Keys of other parts (e.g. the ImageNet classifier) pass unchanged
+    (reported as unused); the original release's merging at the end of a stage moves to timm's layout."""
+    if "layers.0.downsample.reduction.weight" in state:  # original release: merging at the end of a stage
+        state = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) + 1}.downsample", k): v
+                 for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+    target = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(("patch_embed.", "layers.", "norm.")):
+            mapped[key] = value
+            continue
+        for stream in streams:
+            dst = f"{stream}.{key}"
+            if dst in target:
+                mapped[dst] = _fit_swin(dst, value, model.get_submodule(dst.rsplit(".", 1)[0]), target[dst])
+    return mapped
+
+
+def _fit_swin(key: str, value: torch.Tensor, module: nn.Module, want: torch.Tensor) -> torch.Tensor:
+    """Adapt a 2D Swin tensor to the model's tensor `want` where a rule applies (else leave it to load_into):
+    bias tables fitted to the window (a 3D window's table repeats the 2D one for every time offset), the 4x4
+    patch kernel repeated over the tube's frames and divided by their number (a still video gives the image's
+    response)."""
+    if key.endswith("relative_position_bias_table") and value.ndim == 2 and value.shape[1] == want.shape[1]:
+        window = tuple(module.window_size)
+        table = fit_bias_table(value, window[-2:])
+        if len(window) == 3:  # inflate: the same spatial bias for every time offset
+            table = table.repeat(2 * window[0] - 1, 1)
+        return table
+    if key == "video.patch_embed.proj.weight" and value.ndim == 4 and want.ndim == 5:
+        frames = want.shape[2]
+        return value.unsqueeze(2).expand(-1, -1, frames, -1, -1) / frames
+    return value
+
+
+def fit_bias_table(table: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """A square (2S-1)^2 x heads relative-position-bias table -> (2h-1)(2w-1) x heads for an h x w window:
+    resized bicubically (timm) where the window is larger than S, then cropped around offset 0 where it is
+    smaller (a window clamped to a small grid keeps the pretrained offsets)."""
+    old = (math.isqrt(table.shape[0]) + 1) // 2
+    big = tuple(max(w, old) for w in window)
+    table = resize_bias_table(table, big)
+    grid = table.T.reshape(table.shape[1], 2 * big[0] - 1, 2 * big[1] - 1)
+    sizes = [2 * w - 1 for w in window]
+    top, left = [(n - s) // 2 for n, s in zip(grid.shape[-2:], sizes)]
+    return grid[:, top: top + sizes[0], left: left + sizes[1]].reshape(table.shape[1], -1).T.contiguous()
+
+
+def resize_bias_table(table: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """A square (2S-1)^2 x heads relative-position-bias table resized bicubically to an h x w window:
+    (2h-1)(2w-1) x heads (timm's `resize_rel_pos_bias_table_simple`, in float32)."""
+    side = math.isqrt(table.shape[0])
+    if side * side != table.shape[0]:
+        raise ValueError(f"expected a square 2D relative-position-bias table, got {table.shape[0]} rows")
+    shape = ((2 * window[0] - 1) * (2 * window[1] - 1), table.shape[1])
+    if tuple(shape) == tuple(table.shape):
+        return table
+    return resize_rel_pos_bias_table_simple(table.float(), tuple(window), shape).to(table.dtype)
