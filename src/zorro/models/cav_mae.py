@@ -24,8 +24,8 @@ from torch import nn
 
 from .base import AVBackbone
 from .frontends import KaldiFbank, VideoFrontend, frames_or_zeros, mask_along, zero_absent
-from .layers import PatchEmbed, maybe_checkpoint
-from .pretrained import LoadReport, load_into, load_state
+from .layers import PatchEmbed
+from .pretrained import LoadReport, load_into, load_state, vit_into_cav_mae
 
 MASK_MODES = ("random", "time", "freq", "tf")  # random: the paper's default ("unstructured"); the rest audio only
 
@@ -156,16 +156,13 @@ class CAVMAE(AVBackbone):
         return frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.pos_embed_v,
                                shape=(self.num_frames, 3, side, side))
 
-    def _run(self, block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
-        return maybe_checkpoint(block, x, *args, enabled=self.grad_checkpointing and self.training)
-
     def encode_audio(self, spec: torch.Tensor, mask_ratio: float = 0.0, mask_mode: str = "random"):
         """Eq. 2 and E_a: (tokens after the audio layers, mask B x L (1 = hidden), ids_restore)."""
         x = self.patch_embed_a(spec) + self.pos_embed_a + self.modality_a
         noise = structured_noise(x.shape[0], self.audio_grid, mask_ratio, mask_mode, x.device)
         x, mask, restore = random_masking(x, mask_ratio, noise)
         for blk in self.blocks_a:
-            x = self._run(blk, x)
+            x = self.checkpointed(blk, x)
         return x, mask, restore
 
     def encode_video(self, frames: torch.Tensor, mask_ratio: float = 0.0):
@@ -175,13 +172,13 @@ class CAVMAE(AVBackbone):
         x = self.patch_embed_v(frames) + pos + self.modality_v
         x, mask, restore = random_masking(x, mask_ratio)
         for blk in self.blocks_v:
-            x = self._run(blk, x)
+            x = self.checkpointed(blk, x)
         return x, mask, restore
 
     def joint(self, x: torch.Tensor, stream: str) -> torch.Tensor:
         """E_j and the stream's final LayerNorm (eqs. 4-6), before pooling."""
         for blk in self.blocks_u:
-            x = self._run(blk, x, stream)
+            x = self.checkpointed(blk, x, stream)
         return {"joint": self.norm, "audio": self.norm_a, "video": self.norm_v}[stream](x)
 
     # -- fine-tuning / evaluation: the backbone contract ------------------------------------------------------
@@ -254,7 +251,7 @@ class CAVMAE(AVBackbone):
         v = _unshuffle(x[:, num_audio:], self.mask_token, restore_v) + pos_v + self.decoder_modality_v
         x = torch.cat([a, v], dim=1)
         for blk in self.decoder_blocks:
-            x = self._run(blk, x)
+            x = self.checkpointed(blk, x)
         x = self.decoder_norm(x)
         return self.decoder_pred_a(x[:, : a.shape[1]]), self.decoder_pred_v(x[:, a.shape[1]:])
 
@@ -282,30 +279,8 @@ class CAVMAE(AVBackbone):
         patch kernel summed for the 1-channel spectrogram, the MAE decoder as is (its first p*p output rows
         for audio). A released CAV-MAE checkpoint (same names as this module) loads directly. Fixed sin-cos
         position tables and the class token are not used (reported as unused)."""
-        state = load_state(path)
-        n = len(self.blocks_a)
-        if "decoder_pred.weight" in state:  # image MAE: audio predicts p*p values, its first p*p rows (official)
-            state = {**state, "decoder_pred_a.weight": state["decoder_pred.weight"][: self.patch_size**2],
-                     "decoder_pred_a.bias": state["decoder_pred.bias"][: self.patch_size**2]}
-
-        def rename(key: str):
-            if key.startswith("blocks."):
-                _, i, rest = key.split(".", 2)
-                if int(i) < n:
-                    return [f"blocks_a.{i}.{rest}", f"blocks_v.{i}.{rest}"]
-                j = int(i) - n
-                if rest.startswith(("norm1.", "norm2.")):
-                    norm, param = rest.split(".")
-                    return [f"blocks_u.{j}.{norm}{s}.{param}" for s in ("", "_a", "_v")]
-                return f"blocks_u.{j}.{rest}"
-            if key.startswith("norm."):
-                return [key, key.replace("norm.", "norm_a."), key.replace("norm.", "norm_v.")]
-            if key.startswith("patch_embed."):
-                return [key.replace("patch_embed.", "patch_embed_a."), key.replace("patch_embed.", "patch_embed_v.")]
-            if key.startswith("decoder_pred."):
-                return key.replace("decoder_pred.", "decoder_pred_v.")
-            return key  # decoder_*, mask_token; a CAV-MAE checkpoint's own names
-
+        state, rename = vit_into_cav_mae(load_state(path), num_modality_blocks=len(self.blocks_a),
+                                         patch_size=self.patch_size)
         return load_into(self, state, rename=rename, channels_to_one=("patch_embed_a.proj.weight",))
 
 

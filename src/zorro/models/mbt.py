@@ -30,8 +30,8 @@ from torch import nn
 
 from .base import AVBackbone
 from .frontends import AudioFrontend, VideoFrontend
-from .layers import PatchEmbed, maybe_checkpoint, resample_pos_embed
-from .pretrained import LoadReport, load_into, load_state
+from .layers import PatchEmbed, resample_pos_embed
+from .pretrained import LoadReport, load_into, load_state, vit_into_streams
 
 
 class _ViTStream(nn.Module):
@@ -109,9 +109,6 @@ class MBT(AVBackbone):
     def add_positions(self, modality: str, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         return getattr(self, modality).tokens(tokens, grid)
 
-    def _run(self, block, x):
-        return maybe_checkpoint(block, x, enabled=self.grad_checkpointing and self.training)
-
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
                 has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         batch = self.batch_size(audio, video)
@@ -120,13 +117,13 @@ class MBT(AVBackbone):
         z = None
         for i, (block_a, block_v) in enumerate(zip(self.audio.blocks, self.video.blocks)):
             if i < self.fusion_layer:
-                a, v = self._run(block_a, a), self._run(block_v, v)
+                a, v = self.checkpointed(block_a, a), self.checkpointed(block_v, v)
                 continue
             if z is None:
                 z = self.bottleneck.expand(batch, -1, -1)
             n_a, n_v = a.shape[1], v.shape[1]
-            ya = self._run(block_a, torch.cat([a, z], dim=1))
-            yv = self._run(block_v, torch.cat([v, z], dim=1))
+            ya = self.checkpointed(block_a, torch.cat([a, z], dim=1))
+            yv = self.checkpointed(block_v, torch.cat([v, z], dim=1))
             a, v = ya[:, :n_a], yv[:, :n_v]
             z = (ya[:, n_a:] + yv[:, n_v:]) / 2  # MBT eq. 9: each stream's update of z, averaged
         return {"audio": self.audio.norm(a)[:, 0], "video": self.video.norm(v)[:, 0]}
@@ -139,12 +136,7 @@ class MBT(AVBackbone):
         """timm ViT weights (local file) into both streams; the RGB patch kernel is summed for audio and the
         14 x 14 position grid resampled to the spectrogram grid and repeated over the frames."""
 
-        def rename(key: str):
-            if key.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")):
-                return [f"audio.{key}", f"video.{key}"]
-            return None  # head, fc_norm, ...: classifier parts the backbone does not have
-
-        return load_into(self, load_state(path), rename=rename,
+        return load_into(self, load_state(path), rename=vit_into_streams(("audio", "video")),
                          channels_to_one=("audio.patch_embed.proj.weight",),
                          pos_grids={"audio.pos_embed": self.audio.grid, "video.pos_embed": self.video.grid})
 

@@ -1,6 +1,7 @@
 """Initialise backbones from image checkpoints (timm ViT / Swin, ImageNet MAE) read from a local file.
 
-No downloads at run time: `load_state` reads a file the user points at (`timm.create_model(...,
+Every conversion from another model's checkpoint lives here; a backbone's `load_pretrained` names the one it
+uses. No downloads at run time: `load_state` reads a file the user points at (`timm.create_model(...,
 pretrained=True)` once, then `torch.save(model.state_dict(), path)`, or an official release file).
 `load_into` copies every tensor it can place and adapts the few whose shape is meant to differ:
 
@@ -8,9 +9,9 @@ pretrained=True)` once, then `torch.save(model.state_dict(), path)`, or an offic
   grid, or the frames' grid repeated over time for video); class-token entries are dropped;
 - patch embeddings: an RGB kernel becomes the 1-channel spectrogram kernel by summing over colour (the
   AST recipe), and kernels are resized when the patch size differs (timm's `resample_patch_embed`);
-- Swin (`swin_into_streams`): a timm 2D Swin into Zorro-Swin's audio stream and, inflated as Video Swin does,
-  its video stream; relative-position-bias tables are cropped to windows clamped to a small grid or resized
-  bicubically (timm's `resize_rel_pos_bias_table_simple`) to a larger window, here and nowhere else.
+- relative-position-bias tables: resized bicubically (timm's `resize_rel_pos_bias_table_simple`, in
+  `resize_bias_table`, the one place); Zorro-Swin's streams (`swin_into_streams`: a timm 2D Swin into the
+  audio stream and, inflated as Video Swin does, the video stream) crop them for windows clamped to a grid.
 
 Everything else that does not match is reported, never silently dropped: the report lists loaded, resized,
 missing (left at their initialisation) and unexpected (not used) keys.
@@ -29,6 +30,7 @@ from timm.layers import resize_rel_pos_bias_table_simple
 from torch import nn
 
 from .layers import resample_pos_embed
+from .routing import GROUPS
 
 Rename = Callable[[str], "str | Iterable[str] | None"]
 
@@ -151,6 +153,68 @@ def _is_buffer_only(module: nn.Module, key: str) -> bool:
 
 def _summarise(keys: list[str], limit: int = 12) -> list[str]:
     return keys if len(keys) <= limit else keys[:limit] + [f"... and {len(keys) - limit} more"]
+
+
+# -- timm ViT / MAE -> the ViT backbones (key renames for load_into) -------------------------------------------
+def vit_into_zorro_vit(*, separate: bool) -> Rename:
+    """timm ViT keys -> Zorro-ViT's: the patch embedding and positions into both modalities, each block into the
+    shared weights or, with separate weights, into every group's copy (audio, fusion, video)."""
+    parts = [f"parts.{g}" for g in GROUPS] if separate else ["shared"]
+
+    def rename(key: str):
+        if key.startswith("patch_embed."):
+            return [key.replace("patch_embed", f"{m}_embed", 1) for m in ("audio", "video")]
+        if key == "pos_embed":
+            return ["audio_pos", "video_pos"]
+        m = re.fullmatch(r"(blocks\.\d+\.(?:norm1|norm2|attn\.qkv|attn\.proj|mlp)|norm)\.(.+)", key)
+        return [f"{m[1]}.{p}.{m[2]}" for p in parts] if m else None
+
+    return rename
+
+
+def vit_into_streams(streams: Sequence[str]) -> Rename:
+    """timm ViT keys -> one copy per stream (MBT's `audio.` / `video.` ViTs, timm's names inside); the classifier
+    parts (head, fc_norm) have no counterpart."""
+
+    def rename(key: str):
+        if key.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")):
+            return [f"{s}.{key}" for s in streams]
+        return None
+
+    return rename
+
+
+def vit_into_cav_mae(state: Mapping[str, torch.Tensor], *, num_modality_blocks: int,
+                     patch_size: int) -> tuple[dict[str, torch.Tensor], Rename]:
+    """ImageNet MAE / timm ViT -> CAV-MAE, as the official `adapt_vmae_weights.py`: layers below
+    `num_modality_blocks` into both modality streams, the rest into E_j (their LayerNorms into all three
+    streams), the MAE decoder as is (its first p*p output rows for audio). A CAV-MAE checkpoint's own names
+    pass unchanged."""
+    n = num_modality_blocks
+    state = dict(state)
+    if "decoder_pred.weight" in state:  # image MAE: audio predicts p*p values, its first p*p rows (official)
+        state.update({"decoder_pred_a.weight": state["decoder_pred.weight"][: patch_size**2],
+                      "decoder_pred_a.bias": state["decoder_pred.bias"][: patch_size**2]})
+
+    def rename(key: str):
+        if key.startswith("blocks."):
+            _, i, rest = key.split(".", 2)
+            if int(i) < n:
+                return [f"blocks_a.{i}.{rest}", f"blocks_v.{i}.{rest}"]
+            j = int(i) - n
+            if rest.startswith(("norm1.", "norm2.")):
+                norm, param = rest.split(".")
+                return [f"blocks_u.{j}.{norm}{s}.{param}" for s in ("", "_a", "_v")]
+            return f"blocks_u.{j}.{rest}"
+        if key.startswith("norm."):
+            return [key, key.replace("norm.", "norm_a."), key.replace("norm.", "norm_v.")]
+        if key.startswith("patch_embed."):
+            return [key.replace("patch_embed.", "patch_embed_a."), key.replace("patch_embed.", "patch_embed_v.")]
+        if key.startswith("decoder_pred."):
+            return key.replace("decoder_pred.", "decoder_pred_v.")
+        return key  # decoder_*, mask_token; a CAV-MAE checkpoint's own names
+
+    return state, rename
 
 
 # -- timm 2D Swin -> Zorro-Swin's streams -----------------------------------------------------------------------

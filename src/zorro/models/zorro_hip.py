@@ -45,7 +45,7 @@ from torch import nn
 
 from .base import AVBackbone
 from .frontends import AudioFrontend, VideoFrontend
-from .layers import CrossAttention, OutputDecoder, PatchGrid, concat_groups, maybe_checkpoint
+from .layers import CrossAttention, OutputDecoder, PatchGrid, concat_groups
 from .routing import GROUPS, Routing, TokenLayout
 
 
@@ -310,7 +310,7 @@ class ZorroHiP(AVBackbone):
         hidden = []
         for i, (block, skip) in enumerate(zip(self.blocks, self.skips)):
             skip_x = None if skip is None else {s: t for s, t in hidden[skip].items() if skip or s != "fusion"}
-            x = maybe_checkpoint(block, x, self.routing, skip_x, enabled=self.grad_checkpointing and self.training)
+            x = self.checkpointed(block, x, self.routing, skip_x)
             if i == 0 and self.fusion_latents is not None:  # the fusion stream skips block 0
                 x["fusion"] = self.fusion_latents.expand(batch, -1, -1)
             hidden.append(x)

@@ -243,8 +243,7 @@ class ZorroSwin(AVBackbone):
         for i, (audio_stage, video_stage) in enumerate(zip(self.audio.layers, self.video.layers)):
             a, v = audio_stage(a, ckpt), video_stage(v, ckpt)
             if f is not None:  # the fusion stream reads the streams; nothing reads it back
-                f = maybe_checkpoint(self.fusion_stages[i], f, a.flatten(1, 2), v.flatten(1, 3), self.routing,
-                                     enabled=ckpt)
+                f = self.checkpointed(self.fusion_stages[i], f, a.flatten(1, 2), v.flatten(1, 3), self.routing)
         tokens = {"audio": self.audio.norm(a).flatten(1, 2), "video": self.video.norm(v).flatten(1, 3)}
         if f is not None:
             tokens["fusion"] = self.fusion_norm(f)

@@ -10,7 +10,6 @@ video frames -> normalise -> 16x16 patches per frame -> + positions┘
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -19,9 +18,9 @@ from torch import nn
 
 from .base import AVBackbone
 from .frontends import AudioFrontend, VideoFrontend
-from .layers import Block, Groupwise, OutputDecoder, PatchEmbed, concat_groups, maybe_checkpoint, split_groups
-from .pretrained import LoadReport, load_into, load_state
-from .routing import GROUPS, MASKINGS
+from .layers import Block, Groupwise, OutputDecoder, PatchEmbed, concat_groups, split_groups
+from .pretrained import LoadReport, load_into, load_state, vit_into_zorro_vit
+from .routing import MASKINGS
 
 MISSING_MODALITY = ("zeros", "drop")
 
@@ -126,7 +125,7 @@ class ZorroViT(AVBackbone):
         for i, block in enumerate(self.blocks):
             if fusion is not None and i == self.fusion_level and i > 0:  # appendix C: fusion joins at layer k
                 x, layout = concat_groups({**split_groups(x, layout), "fusion": fusion})
-            x = maybe_checkpoint(block, x, layout, self.routing, enabled=self.grad_checkpointing and self.training)
+            x = self.checkpointed(block, x, layout, self.routing)
         return self.decoder(self.norm(x, layout), layout)
 
     def no_weight_decay(self) -> set[str]:
@@ -140,17 +139,8 @@ class ZorroViT(AVBackbone):
         weights every group's copy starts from the same ImageNet layer. The fusion latents and the output
         decoder have no ImageNet counterpart and keep their initialisation (listed as missing).
         """
-        parts = [f"parts.{g}" for g in GROUPS] if self.blocks[0].norm1.separate else ["shared"]
-
-        def rename(key: str):
-            if key.startswith("patch_embed."):
-                return [key.replace("patch_embed", f"{m}_embed", 1) for m in ("audio", "video")]
-            if key == "pos_embed":
-                return ["audio_pos", "video_pos"]
-            m = re.fullmatch(r"(blocks\.\d+\.(?:norm1|norm2|attn\.qkv|attn\.proj|mlp)|norm)\.(.+)", key)
-            return [f"{m[1]}.{p}.{m[2]}" for p in parts] if m else None
-
-        return load_into(self, load_state(path), rename=rename, channels_to_one=("audio_embed.proj.weight",),
+        return load_into(self, load_state(path), rename=vit_into_zorro_vit(separate=self.blocks[0].norm1.separate),
+                         channels_to_one=("audio_embed.proj.weight",),
                          pos_grids={"audio_pos": self.audio_grid, "video_pos": self.video_grid})
 
 
