@@ -38,7 +38,7 @@ class AVBackbone(nn.Module):
     def set_routing(self, masking: str, reads: Mapping[str, Sequence[str]] | None = None) -> Routing:
         """The routing table of `masking` (routing.MASKINGS, or "custom" with `reads`), and the outputs it gives."""
         if masking not in self.maskings:
-            unknown = "" if masking in MASKINGS else f"unknown masking {masking!r}; "
+            unknown = "" if masking in (*MASKINGS, "custom") else f"unknown masking {masking!r}; "
             raise ValueError(f"{unknown}{type(self).__name__} supports masking in {self.maskings}, got {masking!r}")
         self.routing = Routing.from_masking(masking, reads)
         self.output_names = output_names(self.routing)
