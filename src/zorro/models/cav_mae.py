@@ -18,55 +18,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import torchaudio
 from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .frontends import VideoFrontend, frames_or_zeros, mask_along, zero_absent
-from .layers import PatchEmbed, maybe_checkpoint
-from .pretrained import LoadReport, load_into, load_state
+from .base import AVBackbone
+from .frontends import KaldiFbank, VideoFrontend, frames_or_zeros, mask_along, zero_absent
+from .layers import PatchEmbed
+from .pretrained import LoadReport, load_into, load_state, vit_into_cav_mae
 
-# AudioSet fbank statistics of the official code (dataset_mean/std in its run scripts): (x - mean) / std.
-AUDIO_MEAN, AUDIO_STD = -5.081, 4.4849
 MASK_MODES = ("random", "time", "freq", "tf")  # random: the paper's default ("unstructured"); the rest audio only
-
-
-class KaldiFbank(nn.Module):
-    """Waveform (B x S, int16 or float) -> normalised kaldi log-mel fbank, B x 1 x n_mels x frames.
-
-    AST / CAV-MAE preprocessing: `torchaudio.compliance.kaldi.fbank(w - w.mean(), htk_compat=True,
-    use_energy=False, window_type="hanning", dither=0, frame_shift=10)` (25 ms frames, DC removed per frame,
-    pre-emphasis 0.97, FFT size 512 at 16 kHz, power spectrum, kaldi mel banks), zero-padded or cut to `frames`
-    (1024 for 10 s), then (x - mean) / std. Computed here for the whole batch at once, with the same numbers
-    (tests/models/test_cav_mae.py): torchaudio's takes one waveform per call, 72 ms for 48 clips of 10 s on an
-    H100 against 1 ms here, and a CAV-MAE-B pre-training step (batch 48, bf16) took 174 ms with it, 91 ms without.
-    """
-
-    def __init__(self, *, sample_rate: int = 16_000, n_mels: int = 128, frames: int = 1024,
-                 mean: float = AUDIO_MEAN, std: float = AUDIO_STD):
-        super().__init__()
-        self.sample_rate, self.n_mels, self.frames, self.mean, self.std = sample_rate, n_mels, frames, mean, std
-        self.win, self.hop = int(sample_rate * 0.025), int(sample_rate * 0.010)
-        self.n_fft = 1 << (self.win - 1).bit_length()
-        banks, _ = torchaudio.compliance.kaldi.get_mel_banks(n_mels, self.n_fft, float(sample_rate), 20.0, 0.0,
-                                                              100.0, -500.0, 1.0)
-        self.register_buffer("mel_banks", F.pad(banks, (0, 1)), persistent=False)  # n_mels x (n_fft/2 + 1)
-        self.register_buffer("window", torch.hann_window(self.win, periodic=False), persistent=False)
-
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        wav = wav.float() / 32768.0 if wav.dtype == torch.int16 else wav.float()
-        with torch.autocast(wav.device.type, enabled=False):
-            wav = wav - wav.mean(-1, keepdim=True)
-            x = F.pad(wav, (0, max(self.win - wav.shape[-1], 0))).unfold(-1, self.win, self.hop)  # B x T x win
-            x = x - x.mean(-1, keepdim=True)
-            x = x - 0.97 * torch.cat([x[..., :1], x[..., :-1]], dim=-1)  # pre-emphasis (first sample repeated)
-            power = torch.fft.rfft(F.pad(x * self.window, (0, self.n_fft - self.win))).abs().square()
-            fbank = (power @ self.mel_banks.T).clamp_min(torch.finfo(torch.float).eps).log()  # B x T x n_mels
-            fbank = F.pad(fbank, (0, 0, 0, max(self.frames - fbank.shape[1], 0)))[:, : self.frames]
-            fbank = (fbank - self.mean) / self.std
-        return fbank.transpose(1, 2).unsqueeze(1)  # B x 1 x F x T: patches in (frequency, time) order
 
 
 class JointBlock(Block):
@@ -85,7 +46,7 @@ class JointBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(norm2(x))))
 
 
-class CAVMAE(nn.Module):
+class CAVMAE(AVBackbone):
     """CAV-MAE. Defaults are the paper's model: ViT-B width, 11 + 1 encoder layers, 8-layer 512-d decoder
     (encoder ~164M and decoder ~27M parameters, section 2.3.1), 10 s of 16 kHz audio, one 224^2 frame.
 
@@ -195,16 +156,13 @@ class CAVMAE(nn.Module):
         return frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.pos_embed_v,
                                shape=(self.num_frames, 3, side, side))
 
-    def _run(self, block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
-        return maybe_checkpoint(block, x, *args, enabled=self.grad_checkpointing and self.training)
-
     def encode_audio(self, spec: torch.Tensor, mask_ratio: float = 0.0, mask_mode: str = "random"):
         """Eq. 2 and E_a: (tokens after the audio layers, mask B x L (1 = hidden), ids_restore)."""
         x = self.patch_embed_a(spec) + self.pos_embed_a + self.modality_a
         noise = structured_noise(x.shape[0], self.audio_grid, mask_ratio, mask_mode, x.device)
         x, mask, restore = random_masking(x, mask_ratio, noise)
         for blk in self.blocks_a:
-            x = self._run(blk, x)
+            x = self.checkpointed(blk, x)
         return x, mask, restore
 
     def encode_video(self, frames: torch.Tensor, mask_ratio: float = 0.0):
@@ -214,13 +172,13 @@ class CAVMAE(nn.Module):
         x = self.patch_embed_v(frames) + pos + self.modality_v
         x, mask, restore = random_masking(x, mask_ratio)
         for blk in self.blocks_v:
-            x = self._run(blk, x)
+            x = self.checkpointed(blk, x)
         return x, mask, restore
 
     def joint(self, x: torch.Tensor, stream: str) -> torch.Tensor:
         """E_j and the stream's final LayerNorm (eqs. 4-6), before pooling."""
         for blk in self.blocks_u:
-            x = self._run(blk, x, stream)
+            x = self.checkpointed(blk, x, stream)
         return {"joint": self.norm, "audio": self.norm_a, "video": self.norm_v}[stream](x)
 
     # -- fine-tuning / evaluation: the backbone contract ------------------------------------------------------
@@ -232,9 +190,7 @@ class CAVMAE(nn.Module):
         averaged over frames; the paper averages predictions of single-frame views, which the data's
         evaluation views give exactly (several views per clip key, one frame each).
         """
-        if audio is None and video is None:
-            raise ValueError("CAV-MAE needs at least one of audio / video")
-        batch = (audio if audio is not None else video).shape[0]
+        batch = self.batch_size(audio, video)
         a, _, _ = self.encode_audio(self.audio_input(audio, has_audio, batch, spec_augment=True))
         frames = self.video_input(video, has_video, batch)
         T = frames.shape[1]
@@ -295,7 +251,7 @@ class CAVMAE(nn.Module):
         v = _unshuffle(x[:, num_audio:], self.mask_token, restore_v) + pos_v + self.decoder_modality_v
         x = torch.cat([a, v], dim=1)
         for blk in self.decoder_blocks:
-            x = self._run(blk, x)
+            x = self.checkpointed(blk, x)
         x = self.decoder_norm(x)
         return self.decoder_pred_a(x[:, : a.shape[1]]), self.decoder_pred_v(x[:, a.shape[1]:])
 
@@ -323,30 +279,8 @@ class CAVMAE(nn.Module):
         patch kernel summed for the 1-channel spectrogram, the MAE decoder as is (its first p*p output rows
         for audio). A released CAV-MAE checkpoint (same names as this module) loads directly. Fixed sin-cos
         position tables and the class token are not used (reported as unused)."""
-        state = load_state(path)
-        n = len(self.blocks_a)
-        if "decoder_pred.weight" in state:  # image MAE: audio predicts p*p values, its first p*p rows (official)
-            state = {**state, "decoder_pred_a.weight": state["decoder_pred.weight"][: self.patch_size**2],
-                     "decoder_pred_a.bias": state["decoder_pred.bias"][: self.patch_size**2]}
-
-        def rename(key: str):
-            if key.startswith("blocks."):
-                _, i, rest = key.split(".", 2)
-                if int(i) < n:
-                    return [f"blocks_a.{i}.{rest}", f"blocks_v.{i}.{rest}"]
-                j = int(i) - n
-                if rest.startswith(("norm1.", "norm2.")):
-                    norm, param = rest.split(".")
-                    return [f"blocks_u.{j}.{norm}{s}.{param}" for s in ("", "_a", "_v")]
-                return f"blocks_u.{j}.{rest}"
-            if key.startswith("norm."):
-                return [key, key.replace("norm.", "norm_a."), key.replace("norm.", "norm_v.")]
-            if key.startswith("patch_embed."):
-                return [key.replace("patch_embed.", "patch_embed_a."), key.replace("patch_embed.", "patch_embed_v.")]
-            if key.startswith("decoder_pred."):
-                return key.replace("decoder_pred.", "decoder_pred_v.")
-            return key  # decoder_*, mask_token; a CAV-MAE checkpoint's own names
-
+        state, rename = vit_into_cav_mae(load_state(path), num_modality_blocks=len(self.blocks_a),
+                                         patch_size=self.patch_size)
         return load_into(self, state, rename=rename, channels_to_one=("patch_embed_a.proj.weight",))
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
 # Normalisation of the log-mel: AST's AudioSet statistics for 128-bin log-mel, (x - mean) / (2 std).
 # Choice: the Zorro paper does not state its normalisation.
 AUDIO_MEAN, AUDIO_STD = -4.27, 4.57
+# CAV-MAE: AudioSet kaldi-fbank statistics of the official code (dataset_mean/std of its run scripts), (x - mean) / std.
+KALDI_MEAN, KALDI_STD = -5.081, 4.4849
 # Choice: the paper does not state the video normalisation; ImageNet statistics (as for ViT init).
 VIDEO_MEAN, VIDEO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -91,6 +94,42 @@ class AudioFrontend(nn.Module):
             valid = (src >= 0) & (src < F)
             x = torch.gather(x, 2, src.clamp(0, F - 1).expand_as(x)) * valid
         return x
+
+
+class KaldiFbank(nn.Module):
+    """Waveform (B x S, int16 or float) -> normalised kaldi log-mel fbank, B x 1 x n_mels x frames.
+
+    AST / CAV-MAE preprocessing: `torchaudio.compliance.kaldi.fbank(w - w.mean(), htk_compat=True,
+    use_energy=False, window_type="hanning", dither=0, frame_shift=10)` (25 ms frames, DC removed per frame,
+    pre-emphasis 0.97, FFT size 512 at 16 kHz, power spectrum, kaldi mel banks), zero-padded or cut to `frames`
+    (1024 for 10 s), then (x - mean) / std. Computed here for the whole batch at once, with the same numbers
+    (tests/models/test_cav_mae.py): torchaudio's takes one waveform per call, 72 ms for 48 clips of 10 s on an
+    H100 against 1 ms here, and a CAV-MAE-B pre-training step (batch 48, bf16) took 174 ms with it, 91 ms without.
+    """
+
+    def __init__(self, *, sample_rate: int = 16_000, n_mels: int = 128, frames: int = 1024,
+                 mean: float = KALDI_MEAN, std: float = KALDI_STD):
+        super().__init__()
+        self.sample_rate, self.n_mels, self.frames, self.mean, self.std = sample_rate, n_mels, frames, mean, std
+        self.win, self.hop = int(sample_rate * 0.025), int(sample_rate * 0.010)
+        self.n_fft = 1 << (self.win - 1).bit_length()
+        banks, _ = torchaudio.compliance.kaldi.get_mel_banks(n_mels, self.n_fft, float(sample_rate), 20.0, 0.0,
+                                                              100.0, -500.0, 1.0)
+        self.register_buffer("mel_banks", F.pad(banks, (0, 1)), persistent=False)  # n_mels x (n_fft/2 + 1)
+        self.register_buffer("window", torch.hann_window(self.win, periodic=False), persistent=False)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        wav = wav.float() / 32768.0 if wav.dtype == torch.int16 else wav.float()
+        with torch.autocast(wav.device.type, enabled=False):
+            wav = wav - wav.mean(-1, keepdim=True)
+            x = F.pad(wav, (0, max(self.win - wav.shape[-1], 0))).unfold(-1, self.win, self.hop)  # B x T x win
+            x = x - x.mean(-1, keepdim=True)
+            x = x - 0.97 * torch.cat([x[..., :1], x[..., :-1]], dim=-1)  # pre-emphasis (first sample repeated)
+            power = torch.fft.rfft(F.pad(x * self.window, (0, self.n_fft - self.win))).abs().square()
+            fbank = (power @ self.mel_banks.T).clamp_min(torch.finfo(torch.float).eps).log()  # B x T x n_mels
+            fbank = F.pad(fbank, (0, 0, 0, max(self.frames - fbank.shape[1], 0)))[:, : self.frames]
+            fbank = (fbank - self.mean) / self.std
+        return fbank.transpose(1, 2).unsqueeze(1)  # B x 1 x F x T: patches in (frequency, time) order
 
 
 def mask_along(x: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Reusable parts: routed attention, the transformer block, the output decoder, patch embeddings.
+"""Reusable parts: routed attention, the transformer block, cross-attention and the output decoder, patch embeddings.
 
 One block serves Zorro-ViT (every masking) and the fusion streams of the other backbones. Routed attention
 has three exact implementations of the same routing table (see routing.py and RoutedAttention):
@@ -10,7 +10,7 @@ skipped inside one fused kernel) and `dense_mask` (one SDPA call with the N x N 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -222,8 +222,52 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x, layout), layout))
 
 
-class OutputDecoder(nn.Module):
-    """Learned queries cross-attend to the last layer's tokens (PerceiverIO-style; section 3.1).
+class CrossAttention(nn.Module):
+    """Pre-norm multi-head cross-attention: queries (width `dim`) read a context (width `context_dim`) through
+    q/k/v of width `attn_dim`; the output projection returns to `dim`. One module serves the output decoder,
+    Zorro-Swin's fusion stages and HiP's latents (there qk width = input width, HiP's qk_channels).
+
+    `forward(x, context)` is the whole call; `keys_values`, `query_heads` and `attend` are its steps, for callers
+    that compute keys once and slice them per reader (decoder, HiP).
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, context_dim: int | None = None, attn_dim: int | None = None,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm):
+        super().__init__()
+        context_dim, attn_dim = context_dim or dim, attn_dim or dim
+        if attn_dim % num_heads:
+            raise ValueError(f"attention width {attn_dim} is not divisible by {num_heads} cross-attention heads")
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.norm_q, self.norm_kv = norm_layer(dim), norm_layer(context_dim)
+        self.q = nn.Linear(dim, attn_dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim, 2 * attn_dim, bias=qkv_bias)  # projects the context to the attention width
+        self.proj = nn.Linear(attn_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B x n x context_dim -> keys, values (B x heads x n x d each)."""
+        B, n, _ = context.shape
+        return self.kv(self.norm_kv(context)).view(B, n, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+
+    def query_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """... x N x dim -> ... x heads x N x d."""
+        q = self.q(self.norm_q(x))
+        return q.view(*q.shape[:-1], self.num_heads, -1).transpose(-3, -2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """B x heads x N x d queries on B x heads x n x d keys / values -> B x N x dim (projected)."""
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).flatten(2)))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(self.query_heads(x), *self.keys_values(context), mask)
+
+
+class OutputDecoder(CrossAttention):
+    """Learned queries cross-attend to the last layer's tokens (PerceiverIO-style; section 3.1), then an MLP.
 
     Each query reads the token groups `OUTPUTS[name]` allows, so the audio/video outputs stay unimodal.
     Returns {name: B x dim}. The paper's decoder width is lost in our copies; we use the model width.
@@ -231,24 +275,18 @@ class OutputDecoder(nn.Module):
 
     def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0, names: Sequence[str] = tuple(OUTPUTS),
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm):
-        super().__init__()
+        queries = nn.init.trunc_normal_(torch.zeros(len(names), dim), std=0.02)  # drawn first, as it always was
+        super().__init__(dim=dim, num_heads=num_heads, norm_layer=norm_layer)
         self.names = tuple(names)
-        self.num_heads = num_heads
-        self.queries = nn.Parameter(torch.zeros(len(self.names), dim))
-        nn.init.trunc_normal_(self.queries, std=0.02)
-        self.norm_q, self.norm_kv = norm_layer(dim), norm_layer(dim)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.queries = nn.Parameter(queries)
         self.norm_mlp = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio))
         self.norm_out = norm_layer(dim)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
-        B, N, C = x.shape
-        h, d = self.num_heads, C // self.num_heads
-        k, v = self.kv(self.norm_kv(x)).view(B, N, 2, h, d).permute(2, 0, 3, 1, 4)
-        q = self.q(self.norm_q(self.queries)).view(-1, h, d).transpose(0, 1)  # heads x outputs x d
+        B = x.shape[0]
+        k, v = self.keys_values(x)
+        q = self.query_heads(self.queries)  # heads x outputs x d
         present = set(layout.present())
         out = {}
         for i, name in enumerate(self.names):
@@ -256,25 +294,40 @@ class OutputDecoder(nn.Module):
                 continue  # e.g. no fusion output under two_streams, no audio output when audio is dropped
             ks, ke = layout.key_span(OUTPUTS[name])
             qi = q[:, i : i + 1].unsqueeze(0).expand(B, -1, -1, -1)
-            o = F.scaled_dot_product_attention(qi, k[:, :, ks:ke], v[:, :, ks:ke]).reshape(B, C)
-            o = self.queries[i] + self.proj(o)
+            o = self.queries[i] + self.attend(qi, k[:, :, ks:ke], v[:, :, ks:ke])[:, 0]
             out[name] = self.norm_out(o + self.mlp(self.norm_mlp(o)))
         return out
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping square patches of a B x C x H x W map -> B x (H/p * W/p) x dim (ViT, 2D convolution)."""
+def concat_groups(tokens: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, TokenLayout]:
+    """{group: B x n_g x C} -> the B x N x C sequence in GROUPS order and its layout."""
+    layout = TokenLayout.of(**{g: t.shape[1] for g, t in tokens.items()})
+    return torch.cat([tokens[g] for g in GROUPS if g in tokens], dim=1), layout
 
-    def __init__(self, *, in_chans: int, dim: int, patch_size: int = 16):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+def split_groups(x: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
+    return {g: x[:, s:e] for g, s, e in layout.spans()}
+
+
+class PatchGrid:
+    """The token grid of non-overlapping square `patch_size` patches (PatchEmbed, HiP's ConvStem)."""
+
+    patch_size: int
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         p = self.patch_size
         if height % p or width % p:
             raise ValueError(f"input {height}x{width} is not a multiple of the patch size {p}")
         return height // p, width // p
+
+
+class PatchEmbed(PatchGrid, nn.Module):
+    """Non-overlapping square patches of a B x C x H x W map -> B x (H/p * W/p) x dim (ViT, 2D convolution)."""
+
+    def __init__(self, *, in_chans: int, dim: int, patch_size: int = 16):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.grid(*x.shape[-2:])
@@ -305,14 +358,3 @@ def maybe_checkpoint(fn: Callable, *args, enabled: bool):
     if enabled and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
-
-
-def init_vit_weights(m: nn.Module) -> None:
-    """timm's ViT initialisation: truncated-normal linear weights, zero biases, unit LayerNorms."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

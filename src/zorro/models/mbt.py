@@ -28,9 +28,10 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .frontends import AudioFrontend, VideoFrontend, frames_or_zeros, spectrogram_or_zeros
-from .layers import PatchEmbed, init_vit_weights, maybe_checkpoint, resample_pos_embed
-from .pretrained import LoadReport, load_into, load_state
+from .base import AVBackbone
+from .frontends import AudioFrontend, VideoFrontend
+from .layers import PatchEmbed, resample_pos_embed
+from .pretrained import LoadReport, load_into, load_state, vit_into_streams
 
 
 class _ViTStream(nn.Module):
@@ -52,7 +53,7 @@ class _ViTStream(nn.Module):
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
 
-class MBT(nn.Module):
+class MBT(AVBackbone):
     """MBT with ViT-B streams. Defaults follow the MBT paper's best AudioSet model (NUMBERS.md, "MBT").
 
     Args (keyword-only):
@@ -93,52 +94,36 @@ class MBT(nn.Module):
         self.audio = _ViTStream(in_chans=1, grid=audio_grid, **common)
         self.video = _ViTStream(in_chans=3, grid=video_grid, **common)
         self.bottleneck = nn.Parameter(torch.zeros(1, num_bottleneck, dim)) if num_bottleneck else None
-        self.apply(init_vit_weights)
+        self.init_vit_weights()
         for p in (self.audio.pos_embed, self.video.pos_embed, self.audio.cls_token, self.video.cls_token,
                   self.bottleneck):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
 
-    @property
-    def video_grid(self) -> tuple[int, ...]:
-        return self.video.grid
+    # -- inputs: AVBackbone's patch-grid embeddings on each stream's patch_embed / grid, + CLS and positions -----
+    audio_embed = property(lambda self: self.audio.patch_embed)
+    video_embed = property(lambda self: self.video.patch_embed)
+    audio_grid = property(lambda self: self.audio.grid)
+    video_grid = property(lambda self: self.video.grid)
 
-    # -- inputs (a missing modality is a zero input, like ZorroViT) ---------------------------------------
-    def embed_audio(self, audio, present, batch):
-        p = self.audio.patch_embed.patch_size
-        spec = spectrogram_or_zeros(self.audio_frontend, audio, present, batch=batch, like=self.audio.pos_embed,
-                                    multiple=p, shape=(1, self.audio.grid[0] * p, self.audio.grid[1] * p))
-        return self.audio.tokens(self.audio.patch_embed(spec), self.audio.patch_embed.grid(*spec.shape[-2:]))
-
-    def embed_video(self, video, present, batch):
-        (T, h, w), p = self.video.grid, self.video.patch_embed.patch_size
-        frames = frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.video.pos_embed,
-                                 shape=(T, 3, h * p, w * p))
-        B, T = frames.shape[:2]
-        grid = (T, *self.video.patch_embed.grid(*frames.shape[-2:]))
-        patches = self.video.patch_embed(frames.flatten(0, 1)).reshape(B, -1, self.output_dim)
-        return self.video.tokens(patches, grid)
-
-    def _run(self, block, x):
-        return maybe_checkpoint(block, x, enabled=self.grad_checkpointing and self.training)
+    def add_positions(self, modality: str, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        return getattr(self, modality).tokens(tokens, grid)
 
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
                 has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if audio is None and video is None:
-            raise ValueError("MBT needs at least one of audio / video")
-        batch = (audio if audio is not None else video).shape[0]
+        batch = self.batch_size(audio, video)
         a = self.embed_audio(audio, has_audio, batch)
         v = self.embed_video(video, has_video, batch)
         z = None
         for i, (block_a, block_v) in enumerate(zip(self.audio.blocks, self.video.blocks)):
             if i < self.fusion_layer:
-                a, v = self._run(block_a, a), self._run(block_v, v)
+                a, v = self.checkpointed(block_a, a), self.checkpointed(block_v, v)
                 continue
             if z is None:
                 z = self.bottleneck.expand(batch, -1, -1)
             n_a, n_v = a.shape[1], v.shape[1]
-            ya = self._run(block_a, torch.cat([a, z], dim=1))
-            yv = self._run(block_v, torch.cat([v, z], dim=1))
+            ya = self.checkpointed(block_a, torch.cat([a, z], dim=1))
+            yv = self.checkpointed(block_v, torch.cat([v, z], dim=1))
             a, v = ya[:, :n_a], yv[:, :n_v]
             z = (ya[:, n_a:] + yv[:, n_v:]) / 2  # MBT eq. 9: each stream's update of z, averaged
         return {"audio": self.audio.norm(a)[:, 0], "video": self.video.norm(v)[:, 0]}
@@ -151,17 +136,12 @@ class MBT(nn.Module):
         """timm ViT weights (local file) into both streams; the RGB patch kernel is summed for audio and the
         14 x 14 position grid resampled to the spectrogram grid and repeated over the frames."""
 
-        def rename(key: str):
-            if key.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")):
-                return [f"audio.{key}", f"video.{key}"]
-            return None  # head, fc_norm, ...: classifier parts the backbone does not have
-
-        return load_into(self, load_state(path), rename=rename,
+        return load_into(self, load_state(path), rename=vit_into_streams(("audio", "video")),
                          channels_to_one=("audio.patch_embed.proj.weight",),
                          pos_grids={"audio.pos_embed": self.audio.grid, "video.pos_embed": self.video.grid})
 
 
-
+# -- named variants (timm-style factories; the Hydra configs in conf/model/ mirror them) -----------------------
 def mbt_base(**kwargs) -> MBT:
     """MBT's best AudioSet model: ViT-B streams, B = 4, L_f = 8, 8 s of 16 kHz audio, 8 x 224^2 frames."""
     return MBT(**kwargs)

@@ -1,6 +1,7 @@
 """Initialise backbones from image checkpoints (timm ViT / Swin, ImageNet MAE) read from a local file.
 
-No downloads at run time: `load_state` reads a file the user points at (`timm.create_model(...,
+Every conversion from another model's checkpoint lives here; a backbone's `load_pretrained` names the one it
+uses. No downloads at run time: `load_state` reads a file the user points at (`timm.create_model(...,
 pretrained=True)` once, then `torch.save(model.state_dict(), path)`, or an official release file).
 `load_into` copies every tensor it can place and adapts the few whose shape is meant to differ:
 
@@ -8,7 +9,9 @@ pretrained=True)` once, then `torch.save(model.state_dict(), path)`, or an offic
   grid, or the frames' grid repeated over time for video); class-token entries are dropped;
 - patch embeddings: an RGB kernel becomes the 1-channel spectrogram kernel by summing over colour (the
   AST recipe), and kernels are resized when the patch size differs (timm's `resample_patch_embed`);
-- Swin relative-position-bias tables: resized bicubically to the target window.
+- relative-position-bias tables: resized bicubically (timm's `resize_rel_pos_bias_table_simple`, in
+  `resize_bias_table`, the one place); Zorro-Swin's streams (`swin_into_streams`: a timm 2D Swin into the
+  audio stream and, inflated as Video Swin does, the video stream) crop them for windows clamped to a grid.
 
 Everything else that does not match is reported, never silently dropped: the report lists loaded, resized,
 missing (left at their initialisation) and unexpected (not used) keys.
@@ -17,15 +20,17 @@ missing (left at their initialisation) and unexpected (not used) keys.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resize_rel_pos_bias_table_simple
 from torch import nn
 
 from .layers import resample_pos_embed
+from .routing import GROUPS
 
 Rename = Callable[[str], "str | Iterable[str] | None"]
 
@@ -124,7 +129,10 @@ def _adapt(key, value, want, channels_to_one, grid):
     if value.shape == want.shape:
         return value, ", ".join(how)
     if "relative_position_bias_table" in key and value.ndim == want.ndim == 2 and value.shape[1] == want.shape[1]:
-        return _resize_bias_table(value, want.shape[0]), "relative-position-bias table resized"
+        side = math.isqrt(want.shape[0])
+        if side * side != want.shape[0]:
+            raise ValueError(f"relative-position-bias tables must be square: {value.shape[0]} -> {want.shape[0]}")
+        return resize_bias_table(value, ((side + 1) // 2,) * 2), "relative-position-bias table resized"
     if grid is not None and value.ndim == 3 and want.ndim == 3 and value.shape[-1] == want.shape[-1]:
         side = math.isqrt(value.shape[1])  # class / register tokens sit in front of the grid
         pos = value[:, value.shape[1] - side * side:]
@@ -137,15 +145,6 @@ def _adapt(key, value, want, channels_to_one, grid):
     return None, ""
 
 
-def _resize_bias_table(table: torch.Tensor, rows: int) -> torch.Tensor:
-    old, new = math.isqrt(table.shape[0]), math.isqrt(rows)
-    if old * old != table.shape[0] or new * new != rows:
-        raise ValueError(f"relative-position-bias tables must be square: {table.shape[0]} -> {rows}")
-    grid = table.T.reshape(1, -1, old, old)
-    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
-    return grid.reshape(-1, rows).T.to(table.dtype)
-
-
 def _is_buffer_only(module: nn.Module, key: str) -> bool:
     """Non-persistent-looking buffers (index tables, masks) are rebuilt by the model, not loaded."""
     return key not in dict(module.named_parameters()) and any(
@@ -154,3 +153,130 @@ def _is_buffer_only(module: nn.Module, key: str) -> bool:
 
 def _summarise(keys: list[str], limit: int = 12) -> list[str]:
     return keys if len(keys) <= limit else keys[:limit] + [f"... and {len(keys) - limit} more"]
+
+
+# -- timm ViT / MAE -> the ViT backbones (key renames for load_into) -------------------------------------------
+def vit_into_zorro_vit(*, separate: bool) -> Rename:
+    """timm ViT keys -> Zorro-ViT's: the patch embedding and positions into both modalities, each block into the
+    shared weights or, with separate weights, into every group's copy (audio, fusion, video)."""
+    parts = [f"parts.{g}" for g in GROUPS] if separate else ["shared"]
+
+    def rename(key: str):
+        if key.startswith("patch_embed."):
+            return [key.replace("patch_embed", f"{m}_embed", 1) for m in ("audio", "video")]
+        if key == "pos_embed":
+            return ["audio_pos", "video_pos"]
+        m = re.fullmatch(r"(blocks\.\d+\.(?:norm1|norm2|attn\.qkv|attn\.proj|mlp)|norm)\.(.+)", key)
+        return [f"{m[1]}.{p}.{m[2]}" for p in parts] if m else None
+
+    return rename
+
+
+def vit_into_streams(streams: Sequence[str]) -> Rename:
+    """timm ViT keys -> one copy per stream (MBT's `audio.` / `video.` ViTs, timm's names inside); the classifier
+    parts (head, fc_norm) have no counterpart."""
+
+    def rename(key: str):
+        if key.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")):
+            return [f"{s}.{key}" for s in streams]
+        return None
+
+    return rename
+
+
+def vit_into_cav_mae(state: Mapping[str, torch.Tensor], *, num_modality_blocks: int,
+                     patch_size: int) -> tuple[dict[str, torch.Tensor], Rename]:
+    """ImageNet MAE / timm ViT -> CAV-MAE, as the official `adapt_vmae_weights.py`: layers below
+    `num_modality_blocks` into both modality streams, the rest into E_j (their LayerNorms into all three
+    streams), the MAE decoder as is (its first p*p output rows for audio). A CAV-MAE checkpoint's own names
+    pass unchanged."""
+    n = num_modality_blocks
+    state = dict(state)
+    if "decoder_pred.weight" in state:  # image MAE: audio predicts p*p values, its first p*p rows (official)
+        state.update({"decoder_pred_a.weight": state["decoder_pred.weight"][: patch_size**2],
+                      "decoder_pred_a.bias": state["decoder_pred.bias"][: patch_size**2]})
+
+    def rename(key: str):
+        if key.startswith("blocks."):
+            _, i, rest = key.split(".", 2)
+            if int(i) < n:
+                return [f"blocks_a.{i}.{rest}", f"blocks_v.{i}.{rest}"]
+            j = int(i) - n
+            if rest.startswith(("norm1.", "norm2.")):
+                norm, param = rest.split(".")
+                return [f"blocks_u.{j}.{norm}{s}.{param}" for s in ("", "_a", "_v")]
+            return f"blocks_u.{j}.{rest}"
+        if key.startswith("norm."):
+            return [key, key.replace("norm.", "norm_a."), key.replace("norm.", "norm_v.")]
+        if key.startswith("patch_embed."):
+            return [key.replace("patch_embed.", "patch_embed_a."), key.replace("patch_embed.", "patch_embed_v.")]
+        if key.startswith("decoder_pred."):
+            return key.replace("decoder_pred.", "decoder_pred_v.")
+        return key  # decoder_*, mask_token; a CAV-MAE checkpoint's own names
+
+    return state, rename
+
+
+# -- timm 2D Swin -> Zorro-Swin's streams -----------------------------------------------------------------------
+def swin_into_streams(model: nn.Module, state: Mapping[str, torch.Tensor],
+                      streams: Sequence[str] = ("audio", "video")) -> dict[str, torch.Tensor]:
+    """A timm 2D Swin state dict renamed and fitted onto the Swin streams `streams` of `model` (keys
+    `{stream}.{timm key}`), for `load_into`. Keys of other parts (e.g. the ImageNet classifier) pass unchanged
+    (reported as unused); the original release's merging at the end of a stage moves to timm's layout."""
+    if "layers.0.downsample.reduction.weight" in state:  # original release: merging at the end of a stage
+        state = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) + 1}.downsample", k): v
+                 for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+    target = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(("patch_embed.", "layers.", "norm.")):
+            mapped[key] = value
+            continue
+        for stream in streams:
+            dst = f"{stream}.{key}"
+            if dst in target:
+                mapped[dst] = _fit_swin(dst, value, model.get_submodule(dst.rsplit(".", 1)[0]), target[dst])
+    return mapped
+
+
+def _fit_swin(key: str, value: torch.Tensor, module: nn.Module, want: torch.Tensor) -> torch.Tensor:
+    """Adapt a 2D Swin tensor to the model's tensor `want` where a rule applies (else leave it to load_into):
+    bias tables fitted to the window (a 3D window's table repeats the 2D one for every time offset), the 4x4
+    patch kernel repeated over the tube's frames and divided by their number (a still video gives the image's
+    response)."""
+    if key.endswith("relative_position_bias_table") and value.ndim == 2 and value.shape[1] == want.shape[1]:
+        window = tuple(module.window_size)
+        table = fit_bias_table(value, window[-2:])
+        if len(window) == 3:  # inflate: the same spatial bias for every time offset
+            table = table.repeat(2 * window[0] - 1, 1)
+        return table
+    if key == "video.patch_embed.proj.weight" and value.ndim == 4 and want.ndim == 5:
+        frames = want.shape[2]
+        return value.unsqueeze(2).expand(-1, -1, frames, -1, -1) / frames
+    return value
+
+
+def fit_bias_table(table: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """A square (2S-1)^2 x heads relative-position-bias table -> (2h-1)(2w-1) x heads for an h x w window:
+    resized bicubically (timm) where the window is larger than S, then cropped around offset 0 where it is
+    smaller (a window clamped to a small grid keeps the pretrained offsets)."""
+    old = (math.isqrt(table.shape[0]) + 1) // 2
+    big = tuple(max(w, old) for w in window)
+    table = resize_bias_table(table, big)
+    grid = table.T.reshape(table.shape[1], 2 * big[0] - 1, 2 * big[1] - 1)
+    sizes = [2 * w - 1 for w in window]
+    top, left = [(n - s) // 2 for n, s in zip(grid.shape[-2:], sizes)]
+    return grid[:, top: top + sizes[0], left: left + sizes[1]].reshape(table.shape[1], -1).T.contiguous()
+
+
+def resize_bias_table(table: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """A square (2S-1)^2 x heads relative-position-bias table resized bicubically to an h x w window:
+    (2h-1)(2w-1) x heads (timm's `resize_rel_pos_bias_table_simple`, in float32)."""
+    side = math.isqrt(table.shape[0])
+    if side * side != table.shape[0]:
+        raise ValueError(f"expected a square 2D relative-position-bias table, got {table.shape[0]} rows")
+    shape = ((2 * window[0] - 1) * (2 * window[1] - 1), table.shape[1])
+    if tuple(shape) == tuple(table.shape):
+        return table
+    return resize_rel_pos_bias_table_simple(table.float(), tuple(window), shape).to(table.dtype)

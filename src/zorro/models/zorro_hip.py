@@ -43,9 +43,10 @@ from timm.layers import LayerNorm2d, Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .frontends import AudioFrontend, VideoFrontend, frames_or_zeros, spectrogram_or_zeros
-from .layers import OutputDecoder, maybe_checkpoint, resample_pos_embed
-from .routing import GROUPS, Routing, TokenLayout, output_names
+from .base import AVBackbone
+from .frontends import AudioFrontend, VideoFrontend
+from .layers import CrossAttention, OutputDecoder, PatchGrid, concat_groups
+from .routing import GROUPS, Routing, TokenLayout
 
 
 class SquaredReLU(nn.Module):
@@ -59,7 +60,7 @@ ACTIVATIONS = {"sq_relu": SquaredReLU, "gelu": nn.GELU}
 
 
 # -- input side ------------------------------------------------------------------------------------------------
-class ConvStem(nn.Module):
+class ConvStem(PatchGrid, nn.Module):
     """Patches from a small conv net (appendix A, after Touvron et al. 2022's hMLP stem): (conv + LayerNorm + GELU)
     for every stride but the last, then (conv + LayerNorm). Kernel = stride, so a token is a non-overlapping
     prod(strides)^2 patch, like a ViT patch but embedded in stages. B x C x H x W -> B x (H/p * W/p) x dim."""
@@ -73,12 +74,6 @@ class ConvStem(nn.Module):
             for c, s in zip(chans[:-1], strides[:-1])))
         self.proj = nn.Conv2d(chans[-1], dim, kernel_size=strides[-1], stride=strides[-1])
         self.norm = nn.LayerNorm(dim)
-
-    def grid(self, height: int, width: int) -> tuple[int, int]:
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(f"input {height}x{width} is not a multiple of the stem's patch size {p}")
-        return height // p, width // p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.grid(*x.shape[-2:])
@@ -129,7 +124,7 @@ def group_tokens(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.
     return x[:, index.flatten()].view(B, num_groups, size, C), valid
 
 
-class LatentCrossAttention(nn.Module):
+class LatentCrossAttention(CrossAttention):
     """HiP's cross-attention: learned latents (queries) read a group's tokens, then an MLP.
 
     As in HiP's HiPCrossAttention, queries and keys use the input width (qk_channels = input channels), the
@@ -138,31 +133,17 @@ class LatentCrossAttention(nn.Module):
 
     def __init__(self, *, in_dim: int, dim: int, num_heads: int = 1, mlp_ratio: float = 1.0,
                  act_layer: type[nn.Module] = SquaredReLU):
-        super().__init__()
-        if in_dim % num_heads:
-            raise ValueError(f"input width {in_dim} is not divisible by {num_heads} cross-attention heads")
-        self.num_heads = num_heads
-        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(in_dim)
-        self.q = nn.Linear(dim, in_dim)
-        self.kv = nn.Linear(in_dim, 2 * in_dim)
-        self.proj = nn.Linear(in_dim, dim)
+        super().__init__(dim=dim, num_heads=num_heads, context_dim=in_dim, attn_dim=in_dim)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
-
-    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """B' x n x C_in tokens -> keys, values (B' x heads x n x d each)."""
-        Bp, n, C = x.shape
-        return self.kv(self.norm_kv(x)).view(Bp, n, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
 
     def forward(self, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """queries: b x G x L x dim (b = 1 or B); k, v: (B G) x heads x n x d -> B x G x L x dim."""
         G, L = queries.shape[1:3]
         B = k.shape[0] // G
-        q = self.q(self.norm_q(queries)).expand(B, -1, -1, -1)
-        q = q.reshape(B * G, L, self.num_heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # one dense call: (B G) is the batch
-        x = self.proj(out.transpose(1, 2).reshape(B, G, L, -1)) + queries
+        q = self.query_heads(queries).expand(B, -1, -1, -1, -1).flatten(0, 1)  # (B G) x heads x L x d
+        x = self.attend(q, k, v, mask).view(B, G, L, -1) + queries  # one dense call: (B G) is the batch
         return x + self.mlp(self.norm_mlp(x))
 
 
@@ -222,7 +203,7 @@ class HiPBlock(nn.Module):
 
 
 # -- the model -------------------------------------------------------------------------------------------------
-class ZorroHiP(nn.Module):
+class ZorroHiP(AVBackbone):
     """Zorro-HiP. Defaults: the official HiP-16 variant (NUMBERS.md, "Zorro-HiP"), encoder + processor half.
 
     Args (all keyword-only):
@@ -255,8 +236,7 @@ class ZorroHiP(nn.Module):
                  num_frames: int = 8, image_size: int = 224, sample_rate: int = 48_000, n_mels: int = 128,
                  audio_seconds: float = 2.56, spec_augment: bool = True, grad_checkpointing: bool = False):
         super().__init__()
-        if masking not in self.maskings:
-            raise ValueError(f"ZorroHiP supports masking in {self.maskings}, got {masking!r}")
+        self.set_routing(masking)
         if fusion_level != 0:
             raise ValueError(f"ZorroHiP supports fusion_level 0 only, got {fusion_level}")
         if activation not in ACTIVATIONS:
@@ -267,8 +247,6 @@ class ZorroHiP(nn.Module):
         num_groups, depths, num_latents, dims, num_heads = spec
         if decoder and len(dims) % 2 == 0:
             raise ValueError("HiP's decoder needs an odd number of blocks (encoders, a processor, decoders)")
-        self.routing = Routing.from_masking(masking)
-        self.output_names = output_names(self.routing)
         self.grad_checkpointing = grad_checkpointing
         self.decoder_blocks = decoder
         n = len(dims) if decoder else len(dims) // 2 + 1
@@ -312,26 +290,11 @@ class ZorroHiP(nn.Module):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
 
-    # -- inputs (a missing modality is a zero input, as in the paper) -------------------------------------------
-    def _positions(self, tokens, grid, configured, fourier, pos):
+    # -- inputs: AVBackbone's patch-grid embeddings, with Fourier features and learned positions ------------
+    def add_positions(self, modality: str, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        configured, fourier = getattr(self, f"{modality}_grid"), getattr(self, f"{modality}_fourier")
         features = fourier_features(grid, configured, self.fourier_bands, device=tokens.device).to(tokens.dtype)
-        return tokens + fourier(features) + resample_pos_embed(pos, configured, grid)
-
-    def embed_audio(self, audio: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        p = self.audio_embed.patch_size
-        spec = spectrogram_or_zeros(self.audio_frontend, audio, present, batch=batch, like=self.audio_pos, multiple=p,
-                                    shape=(1, self.audio_grid[0] * p, self.audio_grid[1] * p))
-        grid = self.audio_embed.grid(*spec.shape[-2:])
-        return self._positions(self.audio_embed(spec), grid, self.audio_grid, self.audio_fourier, self.audio_pos)
-
-    def embed_video(self, video: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        (T, h, w), p = self.video_grid, self.video_embed.patch_size
-        frames = frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.video_pos,
-                                 shape=(T, 3, h * p, w * p))
-        B, T = frames.shape[:2]
-        grid = (T, *self.video_embed.grid(*frames.shape[-2:]))
-        tokens = self.video_embed(frames.flatten(0, 1)).reshape(B, math.prod(grid), -1)
-        return self._positions(tokens, grid, self.video_grid, self.video_fourier, self.video_pos)
+        return super().add_positions(modality, tokens + fourier(features), grid)
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
@@ -342,19 +305,16 @@ class ZorroHiP(nn.Module):
         has_audio / has_video (B bool): per-sample presence; absent samples get a zero input.
         Returns {output name: B x output_dim}.
         """
-        if audio is None and video is None:
-            raise ValueError("ZorroHiP needs at least one of audio / video")
-        batch = (audio if audio is not None else video).shape[0]
+        batch = self.batch_size(audio, video)
         x = {"audio": self.embed_audio(audio, has_audio, batch), "video": self.embed_video(video, has_video, batch)}
         hidden = []
         for i, (block, skip) in enumerate(zip(self.blocks, self.skips)):
             skip_x = None if skip is None else {s: t for s, t in hidden[skip].items() if skip or s != "fusion"}
-            x = maybe_checkpoint(block, x, self.routing, skip_x, enabled=self.grad_checkpointing and self.training)
+            x = self.checkpointed(block, x, self.routing, skip_x)
             if i == 0 and self.fusion_latents is not None:  # the fusion stream skips block 0
                 x["fusion"] = self.fusion_latents.expand(batch, -1, -1)
             hidden.append(x)
-        layout = TokenLayout.of(**{g: t.shape[1] for g, t in x.items()})
-        return self.decoder(torch.cat([x[g] for g in GROUPS if g in x], dim=1), layout)
+        return self.decoder(*concat_groups(x))
 
     def no_weight_decay(self) -> set[str]:
         names = {"audio_pos", "video_pos", "decoder.queries", *(f"blocks.{i}.latents" for i in range(len(self.blocks)))}

@@ -10,23 +10,22 @@ video frames -> normalise -> 16x16 patches per frame -> + positions┘
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .frontends import AudioFrontend, VideoFrontend, frames_or_zeros, spectrogram_or_zeros
-from .layers import (Block, Groupwise, OutputDecoder, PatchEmbed, init_vit_weights, maybe_checkpoint,
-                     resample_pos_embed)
-from .pretrained import LoadReport, load_into, load_state
-from .routing import GROUPS, MASKINGS, Routing, TokenLayout, isolated_outputs, output_names
+from .base import AVBackbone
+from .frontends import AudioFrontend, VideoFrontend
+from .layers import Block, Groupwise, OutputDecoder, PatchEmbed, concat_groups, split_groups
+from .pretrained import LoadReport, load_into, load_state, vit_into_zorro_vit
+from .routing import MASKINGS
 
 MISSING_MODALITY = ("zeros", "drop")
 
 
-class ZorroViT(nn.Module):
+class ZorroViT(AVBackbone):
     """Zorro-ViT. Defaults are the paper's ViT-B/16 configuration (98M parameters).
 
     Args (all keyword-only):
@@ -48,6 +47,7 @@ class ZorroViT(nn.Module):
     """
 
     maskings: tuple[str, ...] = (*MASKINGS, "custom")  # every row of routing.MASKINGS, or a table of one's own
+    can_drop_absent = True
 
     def __init__(self, *, dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  patch_size: int = 16, num_fusion: int = 6, masking: str = "zorro", fusion_level: int = 0,
@@ -57,7 +57,7 @@ class ZorroViT(nn.Module):
                  spec_augment: bool = True, missing_modality: str = "zeros", grad_checkpointing: bool = False,
                  masking_reads: Mapping[str, Sequence[str]] | None = None, attention_backend: str = "auto"):
         super().__init__()
-        self.routing = Routing.from_masking(masking, masking_reads)
+        self.set_routing(masking, masking_reads)
         if not {"audio", "video"} <= set(self.routing.reads):
             raise ValueError(f"masking {masking!r}: the routing table needs audio and video rows, "
                              f"got {dict(self.routing.reads)}")
@@ -72,7 +72,6 @@ class ZorroViT(nn.Module):
         self.fusion_level = fusion_level
         self.num_fusion = num_fusion if self.routing.has_fusion else 0
         self.output_dim = dim
-        self.output_names = output_names(self.routing)
 
         self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
                                             clip_seconds=audio_seconds)
@@ -95,35 +94,12 @@ class ZorroViT(nn.Module):
             for i in range(depth))
         self.norm = Groupwise(lambda: nn.LayerNorm(dim), separate=separate_weights)
         self.decoder = OutputDecoder(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, names=self.output_names)
-        self.apply(init_vit_weights)
+        self.init_vit_weights()
         for p in (self.audio_pos, self.video_pos, self.fusion_latents):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
 
-    # -- inputs ------------------------------------------------------------------------------------------
-    def embed_audio(self, audio: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        p = self.audio_embed.patch_size  # a missing modality is a zero input, as in the paper
-        spec = spectrogram_or_zeros(self.audio_frontend, audio, present, batch=batch, like=self.audio_pos, multiple=p,
-                                    shape=(1, self.audio_grid[0] * p, self.audio_grid[1] * p))
-        grid = self.audio_embed.grid(*spec.shape[-2:])
-        return self.audio_embed(spec) + resample_pos_embed(self.audio_pos, self.audio_grid, grid)
-
-    def embed_video(self, video: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        (T, h, w), p = self.video_grid, self.video_embed.patch_size
-        frames = frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.video_pos,
-                                 shape=(T, 3, h * p, w * p))
-        B, T = frames.shape[:2]
-        grid = (T, *self.video_embed.grid(*frames.shape[-2:]))
-        tokens = self.video_embed(frames.flatten(0, 1)).reshape(B, -1, self.video_pos.shape[-1])
-        return tokens + resample_pos_embed(self.video_pos, self.video_grid, grid)
-
-    # -- forward -----------------------------------------------------------------------------------------
-    @property
-    def isolated_outputs(self) -> tuple[str, ...]:
-        """The unimodal outputs that never read the other modality (zorro, two_streams): running the backbone
-        without the other modality (`drop_absent=True`) gives exactly the same value for them."""
-        return isolated_outputs(self.routing, self.output_names)
-
+    # -- forward (embed_audio / embed_video: AVBackbone's patch-grid embeddings) --------------------------------
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
                 has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None,
                 drop_absent: bool | None = None) -> dict[str, torch.Tensor]:
@@ -134,9 +110,7 @@ class ZorroViT(nn.Module):
             (default: the `missing_modality` setting).
         Returns {output name: B x dim}; outputs that read no tokens are omitted.
         """
-        if audio is None and video is None:
-            raise ValueError("ZorroViT needs at least one of audio / video")
-        batch = (audio if audio is not None else video).shape[0]
+        batch = self.batch_size(audio, video)
         drop = self.missing_modality == "drop" if drop_absent is None else drop_absent
         tokens: dict[str, torch.Tensor] = {}
         if audio is not None or not drop:
@@ -147,11 +121,11 @@ class ZorroViT(nn.Module):
         if fusion is not None and self.fusion_level == 0:
             tokens["fusion"] = fusion
 
-        x, layout = _concat(tokens)
+        x, layout = concat_groups(tokens)
         for i, block in enumerate(self.blocks):
             if fusion is not None and i == self.fusion_level and i > 0:  # appendix C: fusion joins at layer k
-                x, layout = _concat({**_split(x, layout), "fusion": fusion})
-            x = maybe_checkpoint(block, x, layout, self.routing, enabled=self.grad_checkpointing and self.training)
+                x, layout = concat_groups({**split_groups(x, layout), "fusion": fusion})
+            x = self.checkpointed(block, x, layout, self.routing)
         return self.decoder(self.norm(x, layout), layout)
 
     def no_weight_decay(self) -> set[str]:
@@ -165,28 +139,9 @@ class ZorroViT(nn.Module):
         weights every group's copy starts from the same ImageNet layer. The fusion latents and the output
         decoder have no ImageNet counterpart and keep their initialisation (listed as missing).
         """
-        parts = [f"parts.{g}" for g in GROUPS] if self.blocks[0].norm1.separate else ["shared"]
-
-        def rename(key: str):
-            if key.startswith("patch_embed."):
-                return [key.replace("patch_embed", f"{m}_embed", 1) for m in ("audio", "video")]
-            if key == "pos_embed":
-                return ["audio_pos", "video_pos"]
-            m = re.fullmatch(r"(blocks\.\d+\.(?:norm1|norm2|attn\.qkv|attn\.proj|mlp)|norm)\.(.+)", key)
-            return [f"{m[1]}.{p}.{m[2]}" for p in parts] if m else None
-
-        return load_into(self, load_state(path), rename=rename, channels_to_one=("audio_embed.proj.weight",),
+        return load_into(self, load_state(path), rename=vit_into_zorro_vit(separate=self.blocks[0].norm1.separate),
+                         channels_to_one=("audio_embed.proj.weight",),
                          pos_grids={"audio_pos": self.audio_grid, "video_pos": self.video_grid})
-
-
-def _concat(tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, TokenLayout]:
-    parts = [tokens[g] for g in GROUPS if g in tokens]
-    layout = TokenLayout.of(**{g: t.shape[1] for g, t in tokens.items()})
-    return torch.cat(parts, dim=1), layout
-
-
-def _split(x: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
-    return {g: x[:, s:e] for g, s, e in layout.spans()}
 
 
 # -- named variants (timm-style factories; the Hydra configs in conf/model/ mirror them) -------------------

@@ -1,0 +1,98 @@
+"""The backbone contract: what every model in MODELS promises the tasks, written once.
+
+    forward(audio: B x S waveform | None, video: B x T x 3 x H x W frames | None, *, has_audio, has_video)
+        -> {name: B x output_dim for name in output_names}
+
+A missing modality is a zero input, as in the paper (section 4.1): a modality passed as None, or absent for a
+sample (has_audio / has_video False), becomes zeros of the configured input size. Backbones whose fusion is a
+routing table (Zorro-ViT, -Swin, -HiP) list the maskings they implement in the class attribute `maskings`
+(config.check_node reads it); the baselines (MBT, CAV-MAE) have their own fixed fusion and no `maskings`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from timm.models.vision_transformer import init_weights_vit_timm
+from torch import nn
+
+from .frontends import frames_or_zeros, spectrogram_or_zeros
+from .layers import maybe_checkpoint, resample_pos_embed
+from .routing import MASKINGS, Routing, isolated_outputs, output_names
+
+
+class AVBackbone(nn.Module):
+    """Base of the audio-visual backbones: output names and width, the routing, the input prologue and the
+    patch-grid embeddings (`embed_audio` / `embed_video`, for backbones with `{audio,video}_embed` patch embeddings
+    (layers.PatchGrid) and `{audio,video}_grid` configured token grids)."""
+
+    maskings: tuple[str, ...]  # routed backbones only (see the module docstring), with their `routing`
+    routing: Routing
+    output_names: tuple[str, ...]
+    output_dim: int
+    can_drop_absent: bool = False  # forward(drop_absent=True) leaves a missing modality out of the sequence
+    grad_checkpointing: bool = False
+
+    def set_routing(self, masking: str, reads: Mapping[str, Sequence[str]] | None = None) -> Routing:
+        """The routing table of `masking` (routing.MASKINGS, or "custom" with `reads`), and the outputs it gives."""
+        if masking not in self.maskings:
+            unknown = "" if masking in (*MASKINGS, "custom") else f"unknown masking {masking!r}; "
+            raise ValueError(f"{unknown}{type(self).__name__} supports masking in {self.maskings}, got {masking!r}")
+        self.routing = Routing.from_masking(masking, reads)
+        self.output_names = output_names(self.routing)
+        return self.routing
+
+    @property
+    def isolated_outputs(self) -> tuple[str, ...]:
+        """The unimodal outputs that never read the other modality (zorro, two_streams), for a backbone that can
+        leave a missing modality out: running it without the other one (`drop_absent=True`) gives exactly the
+        same value for them."""
+        if not hasattr(self, "routing") or not self.can_drop_absent:
+            return ()
+        return isolated_outputs(self.routing, self.output_names)
+
+    def batch_size(self, audio: torch.Tensor | None, video: torch.Tensor | None) -> int:
+        """The input prologue of every forward: at least one modality, and the batch size it gives."""
+        if audio is None and video is None:
+            raise ValueError(f"{type(self).__name__} needs at least one of audio / video")
+        return (audio if audio is not None else video).shape[0]
+
+    def checkpointed(self, fn, *args):
+        """fn(*args), its activations recomputed in the backward pass when `grad_checkpointing` is on and the
+        backbone trains (activation checkpointing: less memory, ~30% more compute)."""
+        return maybe_checkpoint(fn, *args, enabled=self.grad_checkpointing and self.training)
+
+    # -- patch-grid embeddings -------------------------------------------------------------------------------
+    def embed_audio(self, audio: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Log-mel patches (zeros where audio is absent) + positions for the input's grid: B x N x C."""
+        embed, (h, w) = self.audio_embed, self.audio_grid
+        p = embed.patch_size
+        spec = spectrogram_or_zeros(self.audio_frontend, audio, present, batch=batch, like=embed.proj.weight,
+                                    multiple=p, shape=(1, h * p, w * p))
+        return self.add_positions("audio", embed(spec), embed.grid(*spec.shape[-2:]))
+
+    def embed_video(self, video: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Per-frame patches (zeros where video is absent) + positions for the input's grid: B x (T h w) x C."""
+        embed, (T, h, w) = self.video_embed, self.video_grid
+        p = embed.patch_size
+        frames = frames_or_zeros(self.video_frontend, video, present, batch=batch, like=embed.proj.weight,
+                                 shape=(T, 3, h * p, w * p))
+        B, T = frames.shape[:2]
+        grid = (T, *embed.grid(*frames.shape[-2:]))
+        tokens = embed(frames.flatten(0, 1)).reshape(B, math.prod(grid), -1)
+        return self.add_positions("video", tokens, grid)
+
+    def add_positions(self, modality: str, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """tokens + the learned `{modality}_pos` of the configured grid, resampled to `grid` (other input sizes)."""
+        pos = getattr(self, f"{modality}_pos")
+        return tokens + resample_pos_embed(pos, getattr(self, f"{modality}_grid"), grid)
+
+    def init_vit_weights(self) -> None:
+        """timm's ViT initialisation (`init_weights_vit_timm`: N(0, 0.02) truncated at +-2, zero bias) of every
+        Linear. Other modules keep their construction-time init (LayerNorms ones/zeros, the same as timm resets
+        them to); timm's own `needs_reset` would also re-draw convolutions and Swin's bias tables."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                init_weights_vit_timm(m)
