@@ -20,16 +20,10 @@ MODALITIES = ("audio", "video")
 # Variants that run code the default does not: HiP's decoder half (three more blocks, U-Net skips) and Zorro-ViT's
 # separate weights per token group (paper: 98M -> 267M).
 VARIANTS = {"zorro_hip_tiny": [{}, {"decoder": True}], "zorro_vit_tiny": [{}, {"separate_weights": True}]}
-# Known bugs these tests found (src/zorro/models is not this change's to edit): {(test, case id): reason}. A case
-# listed here is an expected failure until its fix lands; then it reports XPASS and the entry should go.
-KNOWN_BUGS = {
-    ("no_weight_decay", "zorro_vit_tiny-two_streams"): "ZorroViT.no_weight_decay() names fusion_latents under "
-    "two_streams, where there are none (the optimiser matches nothing; list it only when it exists)",
-    ("no_weight_decay", "zorro_vit_tiny-separate_weights=True-two_streams"): "the same",
-    ("forward_backward", "zorro_vit_tiny-separate_weights=True-two_streams"): "separate weights build a fusion "
-    "copy of every norm/qkv/proj/mlp that two_streams never uses: no gradient, and DDP (trainer=ddp, "
-    "find_unused_parameters off) stops on unused parameters; build parts only for the routing's groups",
-}
+# Known bugs: {(test, case id): reason}; a listed case is an expected failure until its fix lands (then XPASS).
+# (Empty: the two these tests found, unused separate-weight fusion copies and a fusion_latents no_weight_decay
+# name under two_streams, are fixed.)
+KNOWN_BUGS: dict = {}
 
 
 @functools.cache

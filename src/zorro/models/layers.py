@@ -31,6 +31,7 @@ class Groupwise(nn.Module):
     def __init__(self, factory: Callable[[], nn.Module], *, separate: bool, groups: Sequence[str] = GROUPS):
         super().__init__()
         self.separate = separate
+        self.groups = tuple(groups) if separate else None
         if separate:
             self.parts = nn.ModuleDict({g: factory() for g in groups})
         else:
@@ -64,7 +65,8 @@ class RoutedAttention(nn.Module):
     """
 
     def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, separate_weights: bool = False, attention_backend: str = "auto"):
+                 proj_drop: float = 0.0, separate_weights: bool = False, groups: Sequence[str] = GROUPS,
+                 attention_backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -75,8 +77,8 @@ class RoutedAttention(nn.Module):
         self.num_heads = num_heads
         self.attn_drop = attn_drop
         self.attention_backend = attention_backend
-        self.qkv = Groupwise(lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), separate=separate_weights)
-        self.proj = Groupwise(lambda: nn.Linear(dim, dim), separate=separate_weights)
+        self.qkv = Groupwise(lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), separate=separate_weights, groups=groups)
+        self.proj = Groupwise(lambda: nn.Linear(dim, dim), separate=separate_weights, groups=groups)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def backend(self, device: torch.device | str, layout: TokenLayout, routing: Routing) -> str:
@@ -204,17 +206,20 @@ class Block(nn.Module):
 
     def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 separate_weights: bool = False, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-                 act_layer: type[nn.Module] = nn.GELU, attention_backend: str = "auto"):
+                 separate_weights: bool = False, groups: Sequence[str] = GROUPS,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, act_layer: type[nn.Module] = nn.GELU,
+                 attention_backend: str = "auto"):
+        """groups: the token groups the block sees; with separate weights, one copy per group (no unused copies,
+        which DDP without find_unused_parameters refuses)."""
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.norm1 = Groupwise(lambda: norm_layer(dim), separate=separate_weights)
+        self.norm1 = Groupwise(lambda: norm_layer(dim), separate=separate_weights, groups=groups)
         self.attn = RoutedAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                                    proj_drop=drop, separate_weights=separate_weights,
+                                    proj_drop=drop, separate_weights=separate_weights, groups=groups,
                                     attention_backend=attention_backend)
-        self.norm2 = Groupwise(lambda: norm_layer(dim), separate=separate_weights)
+        self.norm2 = Groupwise(lambda: norm_layer(dim), separate=separate_weights, groups=groups)
         self.mlp = Groupwise(lambda: Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=drop),
-                             separate=separate_weights)
+                             separate=separate_weights, groups=groups)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, routing: Routing) -> torch.Tensor:

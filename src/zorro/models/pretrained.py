@@ -30,7 +30,6 @@ from timm.layers import resize_rel_pos_bias_table_simple
 from torch import nn
 
 from .layers import resample_pos_embed
-from .routing import GROUPS
 
 Rename = Callable[[str], "str | Iterable[str] | None"]
 
@@ -156,10 +155,10 @@ def _summarise(keys: list[str], limit: int = 12) -> list[str]:
 
 
 # -- timm ViT / MAE -> the ViT backbones (key renames for load_into) -------------------------------------------
-def vit_into_zorro_vit(*, separate: bool) -> Rename:
+def vit_into_zorro_vit(*, groups: Sequence[str] | None) -> Rename:
     """timm ViT keys -> Zorro-ViT's: the patch embedding and positions into both modalities, each block into the
-    shared weights or, with separate weights, into every group's copy (audio, fusion, video)."""
-    parts = [f"parts.{g}" for g in GROUPS] if separate else ["shared"]
+    shared weights (groups None) or, with separate weights, into every group's copy (e.g. audio, fusion, video)."""
+    parts = [f"parts.{g}" for g in groups] if groups else ["shared"]
 
     def rename(key: str):
         if key.startswith("patch_embed."):

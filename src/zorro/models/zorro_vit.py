@@ -20,7 +20,7 @@ from .base import AVBackbone
 from .frontends import AudioFrontend, VideoFrontend
 from .layers import Block, Groupwise, OutputDecoder, PatchEmbed, concat_groups, split_groups
 from .pretrained import LoadReport, load_into, load_state, vit_into_zorro_vit
-from .routing import MASKINGS
+from .routing import GROUPS, MASKINGS
 
 MISSING_MODALITY = ("zeros", "drop")
 
@@ -86,13 +86,14 @@ class ZorroViT(AVBackbone):
         self.video_pos = nn.Parameter(torch.zeros(1, math.prod(self.video_grid), dim))
         self.fusion_latents = nn.Parameter(torch.zeros(1, self.num_fusion, dim)) if self.num_fusion else None
 
+        groups = tuple(g for g in GROUPS if g in self.routing.reads)  # two_streams: no fusion group, so no fusion copy of separate weights
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rises linearly
         self.blocks = nn.ModuleList(
             Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=dpr[i], separate_weights=separate_weights,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], separate_weights=separate_weights, groups=groups,
                   attention_backend=attention_backend)
             for i in range(depth))
-        self.norm = Groupwise(lambda: nn.LayerNorm(dim), separate=separate_weights)
+        self.norm = Groupwise(lambda: nn.LayerNorm(dim), separate=separate_weights, groups=groups)
         self.decoder = OutputDecoder(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, names=self.output_names)
         self.init_vit_weights()
         for p in (self.audio_pos, self.video_pos, self.fusion_latents):
@@ -129,7 +130,7 @@ class ZorroViT(AVBackbone):
         return self.decoder(self.norm(x, layout), layout)
 
     def no_weight_decay(self) -> set[str]:
-        return {"audio_pos", "video_pos", "fusion_latents", "decoder.queries"}
+        return {"audio_pos", "video_pos", "decoder.queries", *(["fusion_latents"] if self.num_fusion else [])}
 
     def load_pretrained(self, path: str | Path) -> LoadReport:
         """timm ViT weights (local file, e.g. ImageNet-21k ViT-B/16) into the shared transformer.
@@ -139,7 +140,7 @@ class ZorroViT(AVBackbone):
         weights every group's copy starts from the same ImageNet layer. The fusion latents and the output
         decoder have no ImageNet counterpart and keep their initialisation (listed as missing).
         """
-        return load_into(self, load_state(path), rename=vit_into_zorro_vit(separate=self.blocks[0].norm1.separate),
+        return load_into(self, load_state(path), rename=vit_into_zorro_vit(groups=self.blocks[0].norm1.groups),
                          channels_to_one=("audio_embed.proj.weight",),
                          pos_grids={"audio_pos": self.audio_grid, "video_pos": self.video_grid})
 
