@@ -55,7 +55,7 @@ def cpu_peak_flops(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float
 
 
 def make_batch(model, batch: int, device, num_classes: int):
-    T, S, sr = model.video_grid[0], model.video_grid[1] * model.video_embed.patch_size, model.audio_frontend.sample_rate
+    T, S = model.video_grid[0], model.video_grid[1] * model.video_embed.patch_size
     samples = int(round(model.audio_grid[1] * model.audio_embed.patch_size * model.audio_frontend.hop))
     return {"video": torch.randint(0, 256, (batch, T, 3, S, S), dtype=torch.uint8, device=device),
             "audio": (torch.randn(batch, samples, device=device) * 3000).to(torch.int16),

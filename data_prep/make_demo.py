@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 from fractions import Fraction
 from pathlib import Path
 

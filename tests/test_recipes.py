@@ -2,7 +2,6 @@
 task build at the tiny size; and the recipes do what the papers say (MBT, ESC-50, AudioSet-2M)."""
 
 import itertools
-import re
 import shlex
 
 import pytest

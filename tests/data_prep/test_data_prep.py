@@ -4,14 +4,13 @@ import json
 import shutil
 import tarfile
 
-import numpy as np
 import pytest
 import soundfile as sf
 
 from data_prep.build import assign_keys, sanitize_key
 from data_prep.labels import Row, read_labels
 
-from ..conftest import DEMO_CLIPS, PREP_ARGS, run_script
+from ..conftest import PREP_ARGS, run_script
 
 BROKEN = {"truncated.mp4": "corrupt", "empty.mp4": "empty_file", "notes.mp4": "not_media",
           "does not exist.mp4": "missing_file"}
