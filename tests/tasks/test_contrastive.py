@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from zorro.models import zorro_vit_tiny
 from zorro.tasks import ContrastiveTask, nce_loss
-from zorro.tasks.contrastive import retrieval_recall
+from zorro.tasks.retrieval import retrieval_recall
 
 from ..models.test_layers import inputs
 

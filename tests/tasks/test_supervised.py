@@ -140,8 +140,9 @@ def _eval_scores(task, batch, inputs):
 
     clips = torch.nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in task.eval_inputs
                                  for n in (*task.output_names, "avg")})
+    task.eval_clips["val"] = clips
     with torch.no_grad():
-        task._eval_step(batch, clips, "val")
+        task._eval_step(batch, "val")
     return {k.split("-")[1]: c.probs[0] for k, c in clips.items() if k.startswith(f"{inputs}-") and c.update_called}
 
 

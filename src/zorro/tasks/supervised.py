@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from ..data.info import DatasetInfo
-from .base import EVAL_INPUTS, ZERO_INPUTS, BaseTask, EvalResult, model_inputs, modality_flags
+from ..models.routing import OUTPUTS
+from .base import EVAL_INPUTS, ZERO_INPUTS, BaseTask, float_audio, model_inputs, modality_flags
 from .metrics import ClipPredictions, classification_scores
 
-# Which input a head depends on: its loss is skipped for samples that lack that modality (paper 4.4).
-HEAD_NEEDS = {"audio": "has_audio", "video": "has_video"}
 COMBINE = ("probs", "logits")  # how the heads' outputs become the clip's prediction "avg"
 # How the A-only / V-only settings are evaluated:
 #   zeros: every head on the input with the other modality zeroed (the paper's protocol);
@@ -32,11 +30,12 @@ class SupervisedTask(BaseTask):
     waveforms and frames, targets as (smoothed) label vectors.
     """
 
-    def __init__(self, *, backbone: nn.Module, dataset: DatasetInfo, optimizer: Callable,
+    def __init__(self, *, backbone: nn.Module, dataset: DatasetInfo | dict, optimizer: Callable,
                  scheduler: Callable | None = None, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
                  modality_mixup: bool = False, eval_inputs: Sequence[str] = EVAL_INPUTS, shared_head: bool = False,
-                 combine: str = "probs", unimodal_eval: str = "auto", zero_input: str = "normalised"):
-        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler)
+                 combine: str = "probs", unimodal_eval: str = "auto", zero_input: str = "normalised",
+                 config: dict | None = None):
+        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, config=config, dataset=dataset)
         if not set(eval_inputs) <= set(EVAL_INPUTS):
             raise ValueError(f"eval_inputs must be a subset of {EVAL_INPUTS}, got {list(eval_inputs)}")
         if unimodal_eval not in UNIMODAL_EVAL:
@@ -44,7 +43,7 @@ class SupervisedTask(BaseTask):
         if zero_input not in ZERO_INPUTS:
             raise ValueError(f"zero_input must be one of {ZERO_INPUTS}, got {zero_input!r}")
         self.unimodal_eval, self.zero_input = unimodal_eval, zero_input
-        self.dataset = dataset
+        dataset = self.dataset
         self.label_smoothing, self.mixup_alpha, self.modality_mixup = label_smoothing, mixup_alpha, modality_mixup
         self.eval_inputs = tuple(eval_inputs)
         self.output_names = tuple(backbone.output_names)
@@ -59,8 +58,8 @@ class SupervisedTask(BaseTask):
         # Evaluation averages the predictions of all views (windows x crops) of a clip, keyed by `key`.
         names = (*self.output_names, "avg")
         self.metric_name = "mAP" if dataset.multi_label else "top1"
-        self.val_clips = nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in self.eval_inputs for n in names})
-        self.test_clips = nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in self.eval_inputs for n in names})
+        self.eval_clips = nn.ModuleDict({stage: nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in self.eval_inputs
+                                                               for n in names}) for stage in ("val", "test")})
 
     # -- targets and losses ------------------------------------------------------------------------------
     def soft_targets(self, label: torch.Tensor) -> torch.Tensor:
@@ -86,11 +85,11 @@ class SupervisedTask(BaseTask):
         if not self.modality_mixup:
             lams["video"] = lams["audio"]
         perm = torch.randperm(target.shape[0], device=target.device)
+        batch = float_audio(batch)  # a no-op after the batch hooks; here for callers that skip them
         mixed = dict(batch)
         for key, lam in lams.items():
-            if batch.get(key) is not None:
-                # int16 audio becomes float in [-1, 1], the scale the front ends read floats in
-                x = batch[key].float() / 32768.0 if batch[key].dtype == torch.int16 else batch[key].float()
+            if batch.get(key) is not None:  # audio in [-1, 1], frames in [0, 255]
+                x = batch[key].float()
                 mixed[key] = lam * x + (1 - lam) * x[perm]
         for key in ("has_audio", "has_video"):
             if key in batch:
@@ -102,13 +101,13 @@ class SupervisedTask(BaseTask):
         if self.combine == "logits":  # MBT: one loss on the averaged logits
             logits = torch.stack([self.heads[n](outputs[n]) for n in self.output_names if n in outputs]).mean(0)
             return {"avg": self.head_loss(logits, target).mean()}
-        flags = dict(zip(("has_audio", "has_video"), modality_flags(batch)))
+        has_audio, has_video = modality_flags(batch)
         losses = {}
         for name in self.output_names:
             if name not in outputs:
                 continue
             per_sample = self.head_loss(self.heads[name](outputs[name]), target)
-            weight = flags[HEAD_NEEDS[name]].float() if name in HEAD_NEEDS else torch.ones_like(per_sample)
+            weight = learns_from(name, has_audio, has_video).float()
             losses[name] = (per_sample * weight).sum() / weight.sum().clamp(min=1)
         return losses
 
@@ -154,8 +153,8 @@ class SupervisedTask(BaseTask):
         return {"zero_input": self.zero_input, "unimodal_eval": self.unimodal_eval,
                 "dropped_stream": ",".join(dropped) or "none"}
 
-    def _eval_step(self, batch: dict, clips: nn.ModuleDict, stage: str) -> None:
-        label, keys = batch["label"], batch.get("key")
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        clips, label, keys = self.eval_clips[stage], batch["label"], batch.get("key")
         for inputs in self.eval_inputs:
             if self._dropped(batch, inputs):  # the own head alone; equal to zero-filling (tests prove it)
                 kwargs = model_inputs(batch, inputs)
@@ -172,9 +171,9 @@ class SupervisedTask(BaseTask):
                 self.log(f"{stage}/loss", torch.stack(list(losses.values())).mean(), batch_size=label.shape[0],
                          sync_dist=True)
 
-    def _eval_epoch_end(self, clips: nn.ModuleDict, stage: str) -> None:
+    def _eval_epoch_end(self, stage: str) -> None:
         values, averaged = {}, {}
-        for key, predictions in clips.items():
+        for key, predictions in self.eval_clips[stage].items():
             if not predictions.update_called:
                 continue
             inputs, name = key.split("-")
@@ -189,27 +188,7 @@ class SupervisedTask(BaseTask):
         primary = f"{stage}/{self.eval_inputs[0]}/{own_head(self.eval_inputs[0], self.output_names)}/{self.metric_name}"
         if primary in values:
             values[f"{stage}/score"] = values[primary]
-        self.log_dict(values, sync_dist=False)
-        self.eval_result = EvalResult(stage, {k: float(v) for k, v in values.items()}, averaged)
-        if stage == "test" and self.report_dir and averaged and self.trainer.is_global_zero:
-            from ..reports import log_images, write_classification_reports
-
-            images = write_classification_reports(
-                Path(self.report_dir) / stage, {k: float(v) for k, v in values.items()}, averaged,
-                class_names=self.dataset.class_names, multi_label=self.dataset.multi_label, stage=stage)
-            log_images(self.loggers, images, stage)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_clips, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end(self.val_clips, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_clips, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end(self.test_clips, "test")
+        self._publish(stage, values, predictions=averaged)
 
 
 def own_head(inputs: str, output_names: Sequence[str]) -> str:
@@ -217,3 +196,12 @@ def own_head(inputs: str, output_names: Sequence[str]) -> str:
     "two streams A 40.1 above Zorro's 39.7" only reads this way), A+V the average of all heads. Backbones
     without that unimodal head fall back to the average."""
     return inputs if inputs in ("audio", "video") and inputs in output_names else "avg"
+
+
+def learns_from(output: str, has_audio: torch.Tensor, has_video: torch.Tensor) -> torch.Tensor:
+    """The samples a head's loss counts (paper 4.4: no loss for a missing modality): those with input in a token
+    group its output reads (routing.OUTPUTS). The audio head needs audio, the video head video; the fusion
+    latents are in every sample, so the fusion and global heads learn from all (an unknown output too)."""
+    present = {"audio": has_audio, "video": has_video}
+    reads = OUTPUTS.get(output, ("fusion",))
+    return torch.stack([present.get(g, torch.ones_like(has_audio)) for g in reads]).any(0)
