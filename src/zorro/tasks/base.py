@@ -243,9 +243,9 @@ class BaseTask(pl.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """No weight decay on biases, norms (ndim <= 1), position embeddings (`*_pos`) and what the backbone's
-        `no_weight_decay()` names (learned latents / queries): timm's grouping, decayed group first."""
-        skip = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", set)()} | {"*_pos"}
+        """No weight decay on biases and norms (ndim <= 1) and on what the backbone's `no_weight_decay()` names
+        (position embeddings, learned latents / queries): timm's grouping, the decayed group first."""
+        skip = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", set)()}
         groups = param_groups_weight_decay(self, weight_decay, no_weight_decay_list=skip)
         return sorted(groups, key=lambda g: g["weight_decay"] == 0)
 
