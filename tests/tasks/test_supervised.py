@@ -78,7 +78,7 @@ def test_no_loss_for_the_missing_modality():
     batch = {"audio": audio, "video": video, "has_audio": torch.tensor([True, True]),
              "has_video": torch.tensor([False, False])}
     losses = task.losses(task(batch), task.soft_targets(torch.tensor([0, 1])), batch)
-    assert losses["video"] == 0 and losses["audio"] > 0 and losses["global"] > 0
+    assert losses["video"] == 0 and losses["audio"] > 0 and losses["global"] > 0 and losses["fusion"] > 0
 
 
 def test_modality_flags_zero_the_other_input():
@@ -206,3 +206,13 @@ def test_two_streams_has_two_heads_and_averages_them():
     audio, video = inputs()
     probs = task.predict_probs({"audio": audio, "video": video})
     torch.testing.assert_close(probs["avg"], (probs["audio"] + probs["video"]) / 2)
+
+
+def test_which_samples_a_heads_loss_counts_follows_what_its_output_reads():
+    from zorro.tasks.supervised import learns_from
+
+    has_audio, has_video = torch.tensor([True, False, True]), torch.tensor([False, True, True])
+    assert torch.equal(learns_from("audio", has_audio, has_video), has_audio)
+    assert torch.equal(learns_from("video", has_audio, has_video), has_video)
+    for name in ("fusion", "global", "cls"):  # the fusion latents (and an output routing does not know) see all
+        assert learns_from(name, has_audio, has_video).all()
