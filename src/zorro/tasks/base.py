@@ -186,8 +186,8 @@ class BaseTask(pl.LightningModule):
                  config: dict | None = None, dataset: DatasetInfo | dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
-        if dataclasses.is_dataclass(self.hparams.get("dataset")):  # a plain dict: readable without this class
-            self.save_hyperparameters({"dataset": dataset_dict(dataset)})
+        if dataset is not None and type(dataset) is not dict:  # DatasetInfo / DictConfig: a plain dict, readable
+            self.save_hyperparameters({"dataset": dataset_dict(dataset)})  # without this code
         self.dataset = as_dataset_info(dataset)
         self.backbone = backbone
         # optimizer.lr_reference_batch (not an optimiser argument): lr is the LR at that global batch and is
