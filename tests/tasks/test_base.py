@@ -127,6 +127,8 @@ def test_weight_decay_groups_are_the_hand_written_rule(name):
         assert {names[id(p)] for p in decay["params"]} == set(names.values()) - expected_no_decay
         assert len(decay["params"]) + len(no_decay["params"]) == len(names)
         assert skip <= expected_no_decay  # every no_weight_decay() name is a parameter
+    (only,) = task.param_groups(0.0)  # no decay at all (adam / sgd configs): one group (the old rule made two)
+    assert only["weight_decay"] == 0.0 and len(only["params"]) == len(names)
 
 
 # -- hyper-parameters --------------------------------------------------------------------------------------------
