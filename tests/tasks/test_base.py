@@ -1,4 +1,4 @@
-"""What every task shares: the batch contract applied by the batch hooks, weight-decay groups, saved hyper-parameters."""
+"""What every task shares: the batch contract in the batch hooks, weight-decay groups, saved hyper-parameters."""
 
 import functools
 

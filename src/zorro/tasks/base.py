@@ -1,4 +1,4 @@
-"""What every task shares: running a backbone on a contract batch, optimiser groups, the LR schedule."""
+"""What every task shares: the batch contract (batch hooks), hyper-parameters, optimiser groups, LR schedule."""
 
 from __future__ import annotations
 
