@@ -216,3 +216,20 @@ def test_which_samples_a_heads_loss_counts_follows_what_its_output_reads():
     assert torch.equal(learns_from("video", has_audio, has_video), has_video)
     for name in ("fusion", "global", "cls"):  # the fusion latents (and an output routing does not know) see all
         assert learns_from(name, has_audio, has_video).all()
+
+
+def test_the_unimodal_settings_score_the_same_heads_whatever_the_batch_holds():
+    """Under DDP every rank must update the same clip metrics (their compute gathers across ranks): a batch in which
+    no clip has video (None after the batch hooks) still scores the video head alone in the V setting, with the
+    value of the loader's zero-filled frames."""
+    torch.manual_seed(0)
+    task = make_task().eval()
+    audio, video = inputs(batch=2)
+    loader_batch = {"audio": audio, "video": torch.zeros_like(video), "label": torch.tensor([0, 1]), "key": ["a", "b"],
+                    "has_audio": torch.ones(2, dtype=torch.bool), "has_video": torch.zeros(2, dtype=torch.bool)}
+    batch = task.device_batch(loader_batch)
+    assert batch["video"] is None
+    for inputs_ in ("video", "audio"):
+        got, zero_filled = _eval_scores(task, batch, inputs_), _eval_scores(task, loader_batch, inputs_)
+        assert set(got) == set(zero_filled) == {inputs_}
+        torch.testing.assert_close(got[inputs_], zero_filled[inputs_], atol=1e-6, rtol=1e-5)

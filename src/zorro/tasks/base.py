@@ -216,6 +216,15 @@ class BaseTask(pl.LightningModule):
         batch = self.on_before_batch_transfer(batch, 0)
         return self.on_after_batch_transfer(self.transfer_batch_to_device(batch, self.device, 0), 0)
 
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The task's compute_loss (loss, its named terms), logged; compute_loss itself logs nothing, so any loop
+        can drive it (zorro.xla, the benchmarks, tests)."""
+        loss, parts = self.compute_loss(batch)
+        bs = num_samples(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
+        return loss
+
     def _gather(self, x: torch.Tensor, sync_grads: bool) -> torch.Tensor:
         """`x` of every process, concatenated along the batch (with sync_grads, gradients flow back to each)."""
         if self._trainer is None or self.trainer.world_size == 1:

@@ -109,13 +109,6 @@ class CAVMAEPretrainTask(RetrievalTask):
         loss = self.reconstruction_weight * parts["rec"] + self.contrastive_weight * parts["nce"]
         return loss, parts
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, parts = self.compute_loss(batch)
-        bs = num_samples(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
-        return loss
-
     # -- evaluation: the reconstruction loss, and retrieval on the unmasked clip embeddings (RetrievalTask) ---
     def eval_embeddings(self, batch: dict, stage: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         losses = self.reconstruction_losses(self.pretrain_outputs(batch), batch)

@@ -125,11 +125,8 @@ class ContrastiveTask(RetrievalTask):
         return sum(losses.values()), {f"nce_{k}": v for k, v in losses.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, parts = self.compute_loss(batch)
-        bs = num_samples(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
-        self.log("train/pairs", float(self.num_pairs), batch_size=bs, reduce_fx="max")
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/pairs", float(self.num_pairs), batch_size=num_samples(batch), reduce_fx="max")
         return loss
 
     # -- evaluation: retrieval on the projected clip embeddings (RetrievalTask) -------------------------------

@@ -120,13 +120,6 @@ class SupervisedTask(BaseTask):
         losses = self.losses(self(batch), target, batch)
         return torch.stack(list(losses.values())).mean(), {f"loss_{n}": l for n, l in losses.items()}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, parts = self.compute_loss(batch)
-        bs = batch["label"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
-        return loss
-
     def predict_probs(self, batch: dict, inputs: str = "audio_video", outputs: dict | None = None) -> dict:
         """{head: B x C probabilities} plus "avg", the paper's averaged prediction (of the probabilities; or, with
         combine=logits, the probabilities of the averaged logits)."""
@@ -144,9 +137,6 @@ class SupervisedTask(BaseTask):
         return (self.unimodal_eval == "auto" and inputs in ("audio", "video")
                 and inputs in getattr(self.backbone, "isolated_outputs", ()))
 
-    def _dropped(self, batch: dict, inputs: str) -> bool:
-        return self.dropped_stream(inputs) and batch.get(inputs) is not None
-
     def eval_settings(self) -> dict[str, str]:
         """How the unimodal columns were computed, for the printed tables."""
         dropped = [i for i in ("audio", "video") if i in self.eval_inputs and self.dropped_stream(i)]
@@ -156,10 +146,12 @@ class SupervisedTask(BaseTask):
     def _eval_step(self, batch: dict, stage: str) -> None:
         clips, label, keys = self.eval_clips[stage], batch["label"], batch.get("key")
         for inputs in self.eval_inputs:
-            if self._dropped(batch, inputs):  # the own head alone; equal to zero-filling (tests prove it)
+            if self.dropped_stream(inputs):  # the own head alone; equal to zero-filling (tests prove it)
                 kwargs = model_inputs(batch, inputs)
-                kwargs["video" if inputs == "audio" else "audio"] = None
-                outputs = self.backbone(**kwargs, drop_absent=True)
+                present = kwargs[inputs] is not None  # else no clip of the batch has it: its zero input, as the
+                if present:                           # other ranks run the same metrics (their compute gathers)
+                    kwargs["video" if inputs == "audio" else "audio"] = None
+                outputs = self.backbone(**kwargs, drop_absent=present)
                 p = self.probabilities(self.heads[inputs](outputs[inputs]))
                 clips[f"{inputs}-{inputs}"].update(p, label, keys)
                 continue
