@@ -22,7 +22,7 @@ from .models import count_parameters
 from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from .preemption import resolve_ckpt_path
 from .eval.tables import metric_table, table3_line
-from .tasks.base import checkpoint_run
+from .tasks.base import checkpoint_run, dataset_dict
 
 log = logging.getLogger("zorro")
 
@@ -67,10 +67,11 @@ def build_task(cfg: DictConfig):
     if compile_wanted(cfg):
         backbone.compile()
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    task = instantiate(cfg.task, backbone=backbone, dataset=datamodule.info, optimizer=instantiate(cfg.optimizer),
-                       scheduler=scheduler)
-    task.run_config = OmegaConf.to_container(cfg, resolve=True)  # saved in checkpoints for evaluate.py
-    task.dataset_info = datamodule.info
+    # (partial, then called: Hydra's instantiate reserves the keyword `config`); the resolved config and the
+    # dataset info become the task's saved hyper-parameters, so every checkpoint can rebuild its run
+    task = instantiate(cfg.task, _partial_=True, _convert_="all")(
+        backbone=backbone, optimizer=instantiate(cfg.optimizer), scheduler=scheduler,
+        config=OmegaConf.to_container(cfg, resolve=True), dataset=dataset_dict(datamodule.info))
     return datamodule, task
 
 
@@ -127,9 +128,7 @@ def _sync_batchnorm(trainer_cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     _fill_run_names(cfg)
-    datamodule, task, trainer = build(cfg)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(task.run_config)
+    datamodule, task, trainer = build(cfg)  # the loggers get the task's hyper-parameters from Lightning
     if cfg.get("train", True):
         try:
             trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), trainer))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -30,8 +29,7 @@ def xla_train_steps(cfg: DictConfig, steps: int = 3) -> list[float]:
     optimizer = task.optimizer_factory(task.parameters())
     losses = []
     for _, batch in zip(range(steps), datamodule.train_dataloader()):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        loss, _ = task.compute_loss(batch)
+        loss, _ = task.compute_loss(task.device_batch(batch))  # the batch hooks Lightning would run
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from zorro.models import zorro_vit_tiny
 from zorro.tasks import ContrastiveTask, nce_loss
-from zorro.tasks.contrastive import retrieval_recall
+from zorro.tasks.retrieval import retrieval_recall
 
 from ..models.helpers import inputs
 
@@ -88,3 +88,27 @@ def test_projector_batchnorm_statistics_come_from_valid_samples_only():
         assert p(x, valid).shape == (6, 4) and not any(isinstance(m, torch.nn.BatchNorm1d) for m in p.modules())
     with pytest.raises(ValueError, match="projector_norm"):
         Projector(in_dim=8, hidden_dim=16, out_dim=4, norm="groupnorm")
+
+
+def test_retrieval_evaluation_scores_the_clip_embeddings_of_clips_with_both_modalities():
+    torch.manual_seed(0)
+    task = make_task().eval()
+    audio, video = inputs(batch=4)
+    batch = {"audio": audio, "video": video, "key": ["a", "b", "c", "d"],
+             "has_audio": torch.tensor([True, True, True, False]), "has_video": torch.ones(4, dtype=torch.bool)}
+    with torch.no_grad():
+        z, valid = task.embed(batch)
+        task.validation_step(batch, 0)
+        task.validation_step(batch, 1)  # a second view of the same clips: averaged per key
+    task.on_validation_epoch_end()
+    result = task.eval_result
+    za, zv = result.embeddings
+    order = lambda x: x[x[:, 0].argsort()]  # clips come back ordered by key id
+    torch.testing.assert_close(order(za), order(F.normalize(z["audio"][valid], dim=-1)))
+    a2v, v2a = retrieval_recall(za, zv), retrieval_recall(zv, za)
+    assert result.stage == "val" and za.shape[0] == 3 and za.device.type == "cpu"
+    assert result.scores["val/a2v_R@1"] == float(a2v["R@1"]) and result.scores["val/v2a_R@1"] == float(v2a["R@1"])
+    assert result.scores["val/score"] == pytest.approx((float(a2v["R@1"]) + float(v2a["R@1"])) / 2)
+    assert result.scores["val/nce_audio_video"] == pytest.approx(float(nce_loss(za, zv, temperature=0.05)))
+    terms = [result.scores[f"val/nce_{p}"] for p in ("audio_video", "audio_fusion", "video_fusion")]
+    assert result.scores["val/loss"] == pytest.approx(sum(terms))

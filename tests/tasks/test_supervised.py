@@ -78,7 +78,7 @@ def test_no_loss_for_the_missing_modality():
     batch = {"audio": audio, "video": video, "has_audio": torch.tensor([True, True]),
              "has_video": torch.tensor([False, False])}
     losses = task.losses(task(batch), task.soft_targets(torch.tensor([0, 1])), batch)
-    assert losses["video"] == 0 and losses["audio"] > 0 and losses["global"] > 0
+    assert losses["video"] == 0 and losses["audio"] > 0 and losses["global"] > 0 and losses["fusion"] > 0
 
 
 def test_modality_flags_zero_the_other_input():
@@ -140,8 +140,9 @@ def _eval_scores(task, batch, inputs):
 
     clips = torch.nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in task.eval_inputs
                                  for n in (*task.output_names, "avg")})
+    task.eval_clips["val"] = clips
     with torch.no_grad():
-        task._eval_step(batch, clips, "val")
+        task._eval_step(batch, "val")
     return {k.split("-")[1]: c.probs[0] for k, c in clips.items() if k.startswith(f"{inputs}-") and c.update_called}
 
 
@@ -205,3 +206,30 @@ def test_two_streams_has_two_heads_and_averages_them():
     audio, video = inputs()
     probs = task.predict_probs({"audio": audio, "video": video})
     torch.testing.assert_close(probs["avg"], (probs["audio"] + probs["video"]) / 2)
+
+
+def test_which_samples_a_heads_loss_counts_follows_what_its_output_reads():
+    from zorro.tasks.supervised import learns_from
+
+    has_audio, has_video = torch.tensor([True, False, True]), torch.tensor([False, True, True])
+    assert torch.equal(learns_from("audio", has_audio, has_video), has_audio)
+    assert torch.equal(learns_from("video", has_audio, has_video), has_video)
+    for name in ("fusion", "global", "cls"):  # the fusion latents (and an output routing does not know) see all
+        assert learns_from(name, has_audio, has_video).all()
+
+
+def test_the_unimodal_settings_score_the_same_heads_whatever_the_batch_holds():
+    """Under DDP every rank must update the same clip metrics (their compute gathers across ranks): a batch in which
+    no clip has video (None after the batch hooks) still scores the video head alone in the V setting, with the
+    value of the loader's zero-filled frames."""
+    torch.manual_seed(0)
+    task = make_task().eval()
+    audio, video = inputs(batch=2)
+    loader_batch = {"audio": audio, "video": torch.zeros_like(video), "label": torch.tensor([0, 1]), "key": ["a", "b"],
+                    "has_audio": torch.ones(2, dtype=torch.bool), "has_video": torch.zeros(2, dtype=torch.bool)}
+    batch = task.device_batch(loader_batch)
+    assert batch["video"] is None
+    for inputs_ in ("video", "audio"):
+        got, zero_filled = _eval_scores(task, batch, inputs_), _eval_scores(task, loader_batch, inputs_)
+        assert set(got) == set(zero_filled) == {inputs_}
+        torch.testing.assert_close(got[inputs_], zero_filled[inputs_], atol=1e-6, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""What every task shares: running a backbone on a contract batch, optimiser groups, the LR schedule."""
+"""What every task shares: the batch contract (batch hooks), hyper-parameters, optimiser groups, LR schedule."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Callable
 
 import lightning.pytorch as pl
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from ..data.device import decode_on_device
+from ..data.device import EncodedFrames, decode_on_device
 from ..data.info import DatasetInfo
 
 log = logging.getLogger(__name__)
@@ -27,19 +28,61 @@ EVAL_INPUTS = ("audio_video", "audio", "video")
 ZERO_INPUTS = ("normalised", "raw")
 
 
+def num_samples(batch: dict) -> int:
+    """The batch's size: its keys, else its first tensor's rows (Lightning's `batch_size` for self.log)."""
+    if "key" in batch:
+        return len(batch["key"])
+    return next(len(v) for v in batch.values() if torch.is_tensor(v) or isinstance(v, EncodedFrames))
+
+
+def presence(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(has_audio, has_video), B bool: the batch's flags; where the loader sent none, True for a modality it sent
+    (a tensor, or the encoded frames) and False for one it did not."""
+    sent = {"audio": batch.get("audio") is not None,
+            "video": batch.get("video") is not None or batch.get("frames") is not None}
+    ref = next((v for v in batch.values() if torch.is_tensor(v)), None)
+    device = ref.device if ref is not None else None
+    return tuple(batch[f"has_{m}"].bool() if batch.get(f"has_{m}") is not None else
+                 torch.full((num_samples(batch),), sent[m], dtype=torch.bool, device=device)
+                 for m in ("audio", "video"))
+
+
+def mark_absent(batch):
+    """The first half of the batch contract, on the host (a task's on_before_batch_transfer): has_audio/has_video
+    filled in, and a modality that no sample of the batch has set to None (never both). The loaders send
+    zero-filled tensors for a missing modality; None is what a backbone's `missing_modality: drop` leaves out
+    of the sequence, and with `zeros` it is the same zero input. Deciding it here reads the flags without a
+    device sync, and the zeros are never copied to the device."""
+    if not isinstance(batch, dict) or not any(batch.get(k) is not None for k in ("audio", "video", "frames")):
+        return batch
+    batch = dict(batch)
+    batch["has_audio"], batch["has_video"] = presence(batch)
+    absent = [m for m in ("audio", "video") if not batch[f"has_{m}"].any()]
+    if len(absent) == 1:
+        batch[absent[0]] = None
+        if absent[0] == "video":
+            batch.pop("frames", None)
+    return batch
+
+
+def float_audio(batch):
+    """The second half, on the device: int16 audio as float in [-1, 1], the scale every front end reads floats
+    in, so mixing, zeroing and the front ends see one convention."""
+    if isinstance(batch, dict) and batch.get("audio") is not None and batch["audio"].dtype == torch.int16:
+        batch = {**batch, "audio": batch["audio"].float() / 32768.0}
+    return batch
+
+
 def modality_flags(batch: dict, inputs: str = "audio_video") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample has_audio / has_video for `inputs`, from the batch's flags (all True when absent)."""
+    """Per-sample has_audio / has_video for `inputs` (the other modality's flags off for "audio" / "video")."""
     if inputs not in EVAL_INPUTS:
         raise ValueError(f"inputs must be one of {EVAL_INPUTS}, got {inputs!r}")
-    ref = batch["audio"] if batch.get("audio") is not None else batch["video"]
-    ones = torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)
-    has_audio = batch.get("has_audio", ones if batch.get("audio") is not None else ~ones)
-    has_video = batch.get("has_video", ones if batch.get("video") is not None else ~ones)
+    has_audio, has_video = presence(batch)
     if inputs == "audio":
         has_video = torch.zeros_like(has_video)
     elif inputs == "video":
         has_audio = torch.zeros_like(has_audio)
-    return has_audio.bool(), has_video.bool()
+    return has_audio, has_video
 
 
 def model_inputs(batch: dict, inputs: str = "audio_video", zero_input: str = "normalised") -> dict:
@@ -77,9 +120,21 @@ def checkpoint_run(ckpt: dict) -> tuple[dict, DatasetInfo | None]:
     config, dataset = hparams.get("config", ckpt.get("zorro_config")), hparams.get("dataset", ckpt.get("zorro_dataset"))
     if config is None:
         raise ValueError("the checkpoint has no saved run config; was it written by train.py?")
-    if isinstance(dataset, dict):
-        dataset = DatasetInfo(**{**dataset, "class_names": tuple(dataset.get("class_names", ()))})
-    return dict(config), dataset
+    return dict(config), as_dataset_info(dataset)
+
+
+def as_dataset_info(dataset) -> DatasetInfo | None:
+    """A DatasetInfo from one or its dict (as checkpoints keep it: plain values survive code moves)."""
+    if dataset is None or isinstance(dataset, DatasetInfo):
+        return dataset
+    dataset = dict(dataset)
+    return DatasetInfo(**{**dataset, "class_names": tuple(dataset.get("class_names", ()))})
+
+
+def dataset_dict(dataset) -> dict | None:
+    """The plain dict a checkpoint's hyper-parameters keep of a DatasetInfo (lists, not tuples: YAML-safe)."""
+    info = as_dataset_info(dataset)
+    return None if info is None else {**dataclasses.asdict(info), "class_names": list(info.class_names)}
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
@@ -95,19 +150,6 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, *, total_steps: int, wa
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def param_groups(module: nn.Module, weight_decay: float, skip: set[str] = frozenset()) -> list[dict]:
-    """No weight decay on biases, norms, position embeddings and learned latents/queries (ViT practice)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or any(name == s or name.endswith("." + s) for s in skip) or name.endswith("_pos"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def global_batch_size(trainer: pl.Trainer, per_device: int) -> int:
@@ -132,10 +174,21 @@ def scaled_lr(lr: float, *, global_batch: int, reference_batch: int | None) -> f
 
 
 class BaseTask(pl.LightningModule):
-    """Holds a backbone (any nn.Module returning {output name: B x D}) and the optimisation recipe."""
+    """Holds a backbone (any nn.Module returning {output name: B x D}) and the optimisation recipe.
 
-    def __init__(self, *, backbone: nn.Module, optimizer: Callable, scheduler: Callable | None = None):
+    config: the resolved run config (zorro.run.build_task passes it) and dataset: the data's DatasetInfo (or its
+    dict) are saved with the other constructor arguments by `save_hyperparameters`, so every checkpoint's
+    hyper-parameters carry them (evaluate.py and zorro.eval.predict rebuild the run from there: checkpoint_run) and
+    the loggers record them; the backbone and the optimiser / scheduler factories are not hyper-parameters.
+    """
+
+    def __init__(self, *, backbone: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
+                 config: dict | None = None, dataset: DatasetInfo | dict | None = None):
         super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        if dataset is not None and type(dataset) is not dict:  # DatasetInfo / DictConfig: a plain dict, readable
+            self.save_hyperparameters({"dataset": dataset_dict(dataset)})  # without this code
+        self.dataset = as_dataset_info(dataset)
         self.backbone = backbone
         # optimizer.lr_reference_batch (not an optimiser argument): lr is the LR at that global batch and is
         # scaled to the run's global batch in configure_optimizers
@@ -149,14 +202,63 @@ class BaseTask(pl.LightningModule):
     def forward(self, batch: dict, inputs: str = "audio_video", zero_input: str = "normalised") -> dict[str, torch.Tensor]:
         return self.backbone(**model_inputs(batch, inputs, zero_input))
 
+    # -- the batch contract, once per batch (mark_absent on the host, then decoding and float_audio) ---------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        return mark_absent(batch)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # data.decode_on_device: the frames arrive JPEG-encoded and are decoded and augmented here, on the device
-        return decode_on_device(batch, self.device)
+        return float_audio(decode_on_device(batch, self.device))
+
+    def device_batch(self, batch):
+        """A loader's batch as the steps see it under Lightning (its three batch hooks), for loops that run
+        without the Trainer (zorro.xla)."""
+        batch = self.on_before_batch_transfer(batch, 0)
+        return self.on_after_batch_transfer(self.transfer_batch_to_device(batch, self.device, 0), 0)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The task's compute_loss (loss, its named terms), logged; compute_loss itself logs nothing, so any loop
+        can drive it (zorro.xla, the benchmarks, tests)."""
+        loss, parts = self.compute_loss(batch)
+        bs = num_samples(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
+        return loss
+
+    def _gather(self, x: torch.Tensor, sync_grads: bool) -> torch.Tensor:
+        """`x` of every process, concatenated along the batch (with sync_grads, gradients flow back to each)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=sync_grads).flatten(0, 1)
+
+    # -- evaluation: every task implements _eval_step(batch, stage) and _eval_epoch_end(stage) ---------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _publish(self, stage: str, values: dict[str, torch.Tensor], **result) -> None:
+        """Log an evaluation epoch's (already gathered) scores and keep them, with the predictions / embeddings
+        the report callbacks read, as `eval_result`."""
+        self.log_dict(values, sync_dist=False)
+        self.eval_result = EvalResult(stage, {k: float(v) for k, v in values.items()}, **result)
+
+    # -- optimisation ----------------------------------------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """No weight decay on biases and norms (ndim <= 1) and on what the backbone's `no_weight_decay()` names
+        (position embeddings, learned latents / queries): timm's grouping, the decayed group first."""
+        skip = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", set)()}
+        groups = param_groups_weight_decay(self, weight_decay, no_weight_decay_list=skip)
+        return sorted(groups, key=lambda g: g["weight_decay"] == 0)
 
     def configure_optimizers(self):
-        skip = set()
-        if hasattr(self.backbone, "no_weight_decay"):
-            skip = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
         keywords = getattr(self.optimizer_factory, "keywords", {})
         extra = {}
         if self.device.type == "cuda" and "fused" not in keywords and \
@@ -166,7 +268,7 @@ class BaseTask(pl.LightningModule):
             batch = global_batch_size(self.trainer, per_device_batch_size(self.trainer.datamodule))
             extra["lr"] = scaled_lr(keywords["lr"], global_batch=batch, reference_batch=self.lr_reference_batch)
             log.info("lr %g = %g x global batch %d / %d", extra["lr"], keywords["lr"], batch, self.lr_reference_batch)
-        optimizer = self.optimizer_factory(param_groups(self, keywords.get("weight_decay", 0.0), skip), **extra)
+        optimizer = self.optimizer_factory(self.param_groups(keywords.get("weight_decay", 0.0)), **extra)
         if self.scheduler_factory is None:
             return optimizer
         total = self.trainer.estimated_stepping_batches
@@ -174,15 +276,3 @@ class BaseTask(pl.LightningModule):
             raise ValueError("the LR schedule needs a finite number of steps: set trainer.max_steps or max_epochs")
         scheduler = self.scheduler_factory(optimizer, total_steps=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # The resolved Hydra config and the class names travel in every checkpoint, so evaluate.py can rebuild
-    # the run and zorro.predict can name classes without the dataset.
-    run_config: dict | None = None
-    dataset_info = None
-    report_dir = None  # where evaluation reports (plots, tables) go; set by zorro.run.build
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.run_config is not None:
-            checkpoint["zorro_config"] = self.run_config
-        if self.dataset_info is not None:
-            checkpoint["zorro_dataset"] = dataclasses.asdict(self.dataset_info)

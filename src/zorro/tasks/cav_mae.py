@@ -8,7 +8,6 @@ layer, c_a and c_v, with negatives from every device. Fine-tuning is `task=super
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,9 +16,9 @@ from torch import nn
 
 from ..config import ConfigError
 from ..models.cav_mae import MASK_MODES
-from .base import BaseTask, EvalResult, modality_flags
-from .contrastive import ContrastiveTask, nce_loss, retrieval_recall
-from .metrics import ClipPredictions
+from .base import modality_flags, num_samples
+from .contrastive import nce_loss
+from .retrieval import RetrievalTask, clip_embeddings
 
 NORMALIZERS = ("video_to_audio", "symmetric")
 
@@ -49,7 +48,7 @@ def cav_nce(z_audio: torch.Tensor, z_video: torch.Tensor, *, temperature: float,
     raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
 
 
-class CAVMAEPretrainTask(BaseTask):
+class CAVMAEPretrainTask(RetrievalTask):
     """Masked reconstruction + contrastive learning on a backbone with `pretrain_forward` (models/cav_mae.py).
 
     Validation/test: the reconstruction loss under the same masking as training, and audio-video retrieval
@@ -60,8 +59,8 @@ class CAVMAEPretrainTask(BaseTask):
     def __init__(self, *, backbone: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  mask_ratio: float = 0.75, mask_mode: str = "random", reconstruction_weight: float = 1.0,
                  contrastive_weight: float = 0.01, temperature: float = 0.05, normalizer: str = "video_to_audio",
-                 dataset=None):
-        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler)
+                 config: dict | None = None, dataset=None):
+        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, config=config, dataset=dataset)
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         if normalizer not in NORMALIZERS:
@@ -71,10 +70,7 @@ class CAVMAEPretrainTask(BaseTask):
         self.mask_ratio, self.mask_mode = mask_ratio, mask_mode
         self.reconstruction_weight, self.contrastive_weight = reconstruction_weight, contrastive_weight
         self.temperature, self.normalizer = temperature, normalizer
-        self.eval_clips = nn.ModuleDict({n: ClipPredictions() for n in ("audio", "video")})
-
-    # Negatives from every device: gathered with gradients, each rank computes the global loss (see there).
-    _gather = ContrastiveTask._gather
+        self.eval_clips = clip_embeddings(("audio", "video"))
 
     def setup(self, stage: str) -> None:
         if not hasattr(self.backbone, "pretrain_forward"):
@@ -88,12 +84,15 @@ class CAVMAEPretrainTask(BaseTask):
                                               mask_mode=self.mask_mode)
 
     def reconstruction_losses(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+        """Eq. 9 per modality (rec_audio, rec_video) and their sum (rec)."""
         has_audio, has_video = modality_flags(batch)
-        return {f"rec_{m}": masked_mse(out[f"{m}_pred"], out[f"{m}_target"], out[f"{m}_mask"], present)
-                for m, present in (("audio", has_audio), ("video", has_video))}
+        losses = {f"rec_{m}": masked_mse(out[f"{m}_pred"], out[f"{m}_target"], out[f"{m}_mask"], present)
+                  for m, present in (("audio", has_audio), ("video", has_video))}
+        return {**losses, "rec": losses["rec_audio"] + losses["rec_video"]}
 
     def contrastive_loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         has_audio, has_video = modality_flags(batch)
+        # negatives from every device: gathered with gradients, each rank computes the global loss
         valid = self._gather(has_audio & has_video, sync_grads=False)
         za, zv = (self._gather(F.normalize(out[m], dim=-1), sync_grads=True)[valid] for m in ("audio", "video"))
         self.num_pairs = int(valid.sum())
@@ -106,67 +105,18 @@ class CAVMAEPretrainTask(BaseTask):
         """(loss, its terms) of a training batch; no logging, so any loop can drive it."""
         out = self.pretrain_outputs(batch)
         parts = self.reconstruction_losses(out, batch)
-        parts["rec"] = parts["rec_audio"] + parts["rec_video"]
         parts["nce"], parts["c_acc"] = self.contrastive_loss(out, batch)
         loss = self.reconstruction_weight * parts["rec"] + self.contrastive_weight * parts["nce"]
         return loss, parts
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, parts = self.compute_loss(batch)
-        bs = _batch_size(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
-        return loss
-
-    # -- evaluation ----------------------------------------------------------------------------------------
-    def _eval_step(self, batch: dict, stage: str) -> None:
-        bs = _batch_size(batch)
+    # -- evaluation: the reconstruction loss, and retrieval on the unmasked clip embeddings (RetrievalTask) ---
+    def eval_embeddings(self, batch: dict, stage: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         losses = self.reconstruction_losses(self.pretrain_outputs(batch), batch)
-        losses["rec"] = losses["rec_audio"] + losses["rec_video"]
-        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=bs, sync_dist=True)
+        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=num_samples(batch), sync_dist=True)
         outputs = self(batch)  # unmasked: the retrieval embeddings (the official code's forward_feat)
         has_audio, has_video = modality_flags(batch)
-        for name in self.eval_clips:
-            self.eval_clips[name].update(outputs[name].float(), (has_audio & has_video).long(), batch.get("key"))
+        return {name: outputs[name] for name in self.eval_clips}, has_audio & has_video
 
-    def _eval_epoch_end(self, stage: str) -> None:
-        if not self.eval_clips["audio"].update_called:
-            return
-        z = {}
-        for name, clips in self.eval_clips.items():  # the same clip order for both (sorted key ids)
-            emb, valid = clips.compute()
-            z[name] = F.normalize(emb, dim=-1)
-            clips.reset()
-        valid = valid.reshape(-1).bool()
-        za, zv = z["audio"][valid], z["video"][valid]
-        if za.shape[0] < 2:
-            return
-        nce, accuracy = cav_nce(za, zv, temperature=self.temperature, normalizer=self.normalizer)
-        values = {f"{stage}/nce": nce, f"{stage}/c_acc": accuracy}
-        a2v, v2a = retrieval_recall(za, zv), retrieval_recall(zv, za)
-        values.update({f"{stage}/a2v_{k}": v for k, v in a2v.items()})
-        values.update({f"{stage}/v2a_{k}": v for k, v in v2a.items()})
-        values[f"{stage}/score"] = (a2v["R@1"] + v2a["R@1"]) / 2
-        self.log_dict(values, sync_dist=False)
-        self.eval_result = EvalResult(stage, {k: float(v) for k, v in values.items()}, embeddings=(za.cpu(), zv.cpu()))
-        if stage == "test" and self.report_dir and self.trainer.is_global_zero:
-            from ..reports import log_images, write_retrieval_reports
-
-            images = write_retrieval_reports(Path(self.report_dir) / stage, za.cpu(), zv.cpu(), stage=stage)
-            log_images(self.loggers, images, stage)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
-
-def _batch_size(batch: dict) -> int:
-    return len(batch["key"]) if "key" in batch else next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+    def clip_losses(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        nce, accuracy = cav_nce(z["audio"], z["video"], temperature=self.temperature, normalizer=self.normalizer)
+        return {"nce": nce, "c_acc": accuracy}

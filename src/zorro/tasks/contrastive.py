@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -10,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.routing import isolated_outputs
-from .base import BaseTask, EvalResult, modality_flags
-from .metrics import ClipPredictions
+from .base import modality_flags, num_samples
+from .retrieval import RetrievalTask, clip_embeddings
 
 # eq. 2: audio-video only; eq. 3: + audio-fusion + video-fusion (third projector for the fusion output).
 PAIRS = {"eq2": (("audio", "video"),), "eq3": (("audio", "video"), ("audio", "fusion"), ("video", "fusion"))}
@@ -79,14 +78,7 @@ def nce_loss(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float, normaliz
     raise ValueError(f"normalizer must be 'joint' or 'symmetric', got {normalizer!r}")
 
 
-def retrieval_recall(query: torch.Tensor, gallery: torch.Tensor, ks=(1, 5, 10)) -> dict[str, torch.Tensor]:
-    """Recall@k of retrieving gallery[i] for query[i] by cosine similarity."""
-    sims = query @ gallery.t()
-    rank = (sims > sims.diagonal().unsqueeze(1)).sum(1)  # how many items beat the true match
-    return {f"R@{k}": (rank < k).float().mean() for k in ks if k <= gallery.shape[0]}
-
-
-class ContrastiveTask(BaseTask):
+class ContrastiveTask(RetrievalTask):
     """Projectors per output + NCE. Negatives come from every device: embeddings are gathered with
     gradients (`all_gather(sync_grads=True)`) and each rank computes the global loss; with DDP's gradient
     averaging this gives exactly the gradient of the global-batch loss."""
@@ -94,8 +86,8 @@ class ContrastiveTask(BaseTask):
     def __init__(self, *, backbone: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  loss: str = "auto", temperature: float = 0.05, normalizer: str = "joint",
                  projector_hidden_dim: int = 2048, projector_dim: int = 512, projector_norm: str = "batchnorm",
-                 dataset=None):
-        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler)
+                 config: dict | None = None, dataset=None):
+        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, config=config, dataset=dataset)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.loss_name = choose_loss(loss, backbone)
@@ -110,9 +102,7 @@ class ContrastiveTask(BaseTask):
             n: Projector(in_dim=backbone.output_dim, hidden_dim=projector_hidden_dim, out_dim=projector_dim,
                          norm=projector_norm)
             for n in sorted(needed)})
-        # Evaluation embeddings, averaged over each clip's views and gathered across processes (uneven per-rank
-        # counts are fine: torchmetrics concatenates its list states).
-        self.eval_clips = nn.ModuleDict({n: ClipPredictions() for n in self.projectors})
+        self.eval_clips = clip_embeddings(self.projectors)
 
     def embed(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Projected embeddings and the mask of samples with both modalities (pairs need both)."""
@@ -120,11 +110,6 @@ class ContrastiveTask(BaseTask):
         has_audio, has_video = modality_flags(batch)
         valid = has_audio & has_video
         return {n: p(outputs[n], valid) for n, p in self.projectors.items()}, valid
-
-    def _gather(self, x: torch.Tensor, sync_grads: bool) -> torch.Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x, sync_grads=sync_grads).flatten(0, 1)
 
     def contrastive_loss(self, z: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, torch.Tensor]:
         valid = self._gather(valid, sync_grads=False)
@@ -140,55 +125,15 @@ class ContrastiveTask(BaseTask):
         return sum(losses.values()), {f"nce_{k}": v for k, v in losses.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, parts = self.compute_loss(batch)
-        bs = len(batch["key"]) if "key" in batch else next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
-        self.log("train/pairs", float(self.num_pairs), batch_size=bs, reduce_fx="max")
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/pairs", float(self.num_pairs), batch_size=num_samples(batch), reduce_fx="max")
         return loss
 
-    def _eval_step(self, batch: dict) -> None:
-        z, valid = self.embed(batch)
-        for name, e in z.items():
-            self.eval_clips[name].update(e.float(), valid.long(), batch.get("key"))
+    # -- evaluation: retrieval on the projected clip embeddings (RetrievalTask) -------------------------------
+    def eval_embeddings(self, batch: dict, stage: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return self.embed(batch)
 
-    def _eval_epoch_end(self, stage: str) -> None:
-        if not self.eval_clips["audio"].update_called:
-            return
-        z, valid = {}, None
-        for name, clips in self.eval_clips.items():  # the same clip order for every output (sorted key ids)
-            emb, valid = clips.compute()
-            z[name] = F.normalize(emb, dim=-1)
-            clips.reset()
-        valid = valid.reshape(-1).bool()
-        z = {n: e[valid] for n, e in z.items()}
-        if z["audio"].shape[0] < 2:
-            return
-        values = {f"{stage}/nce_{a}_{b}": nce_loss(z[a], z[b], temperature=self.temperature,
-                                                  normalizer=self.normalizer) for a, b in self.pairs}
-        values[f"{stage}/loss"] = sum(values.values())
-        a2v, v2a = retrieval_recall(z["audio"], z["video"]), retrieval_recall(z["video"], z["audio"])
-        values.update({f"{stage}/a2v_{k}": v for k, v in a2v.items()})
-        values.update({f"{stage}/v2a_{k}": v for k, v in v2a.items()})
-        values[f"{stage}/score"] = (a2v["R@1"] + v2a["R@1"]) / 2
-        self.log_dict(values, sync_dist=False)
-        self.eval_result = EvalResult(stage, {k: float(v) for k, v in values.items()},
-                                      embeddings=(z["audio"].cpu(), z["video"].cpu()))
-        if stage == "test" and self.report_dir and self.trainer.is_global_zero:
-            from ..reports import log_images, write_retrieval_reports
-
-            images = write_retrieval_reports(Path(self.report_dir) / stage, z["audio"].cpu(), z["video"].cpu(),
-                                             stage=stage)
-            log_images(self.loggers, images, stage)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+    def clip_losses(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        losses = {f"nce_{a}_{b}": nce_loss(z[a], z[b], temperature=self.temperature, normalizer=self.normalizer)
+                  for a, b in self.pairs}
+        return {**losses, "loss": sum(losses.values())}

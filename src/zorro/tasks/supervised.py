@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -10,11 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from ..data.info import DatasetInfo
 from ..eval.tables import own_head
-from .base import EVAL_INPUTS, ZERO_INPUTS, BaseTask, EvalResult, model_inputs, modality_flags
+from ..models.routing import OUTPUTS
+from .base import EVAL_INPUTS, ZERO_INPUTS, BaseTask, float_audio, model_inputs, modality_flags
 from .metrics import ClipPredictions, classification_scores
 
-# Which input a head depends on: its loss is skipped for samples that lack that modality (paper 4.4).
-HEAD_NEEDS = {"audio": "has_audio", "video": "has_video"}
 COMBINE = ("probs", "logits")  # how the heads' outputs become the clip's prediction "avg"
 # How the A-only / V-only settings are evaluated:
 #   zeros: every head on the input with the other modality zeroed (the paper's protocol);
@@ -33,11 +31,12 @@ class SupervisedTask(BaseTask):
     waveforms and frames, targets as (smoothed) label vectors.
     """
 
-    def __init__(self, *, backbone: nn.Module, dataset: DatasetInfo, optimizer: Callable,
+    def __init__(self, *, backbone: nn.Module, dataset: DatasetInfo | dict, optimizer: Callable,
                  scheduler: Callable | None = None, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
                  modality_mixup: bool = False, eval_inputs: Sequence[str] = EVAL_INPUTS, shared_head: bool = False,
-                 combine: str = "probs", unimodal_eval: str = "auto", zero_input: str = "normalised"):
-        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler)
+                 combine: str = "probs", unimodal_eval: str = "auto", zero_input: str = "normalised",
+                 config: dict | None = None):
+        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, config=config, dataset=dataset)
         if not set(eval_inputs) <= set(EVAL_INPUTS):
             raise ValueError(f"eval_inputs must be a subset of {EVAL_INPUTS}, got {list(eval_inputs)}")
         if unimodal_eval not in UNIMODAL_EVAL:
@@ -45,7 +44,7 @@ class SupervisedTask(BaseTask):
         if zero_input not in ZERO_INPUTS:
             raise ValueError(f"zero_input must be one of {ZERO_INPUTS}, got {zero_input!r}")
         self.unimodal_eval, self.zero_input = unimodal_eval, zero_input
-        self.dataset = dataset
+        dataset = self.dataset
         self.label_smoothing, self.mixup_alpha, self.modality_mixup = label_smoothing, mixup_alpha, modality_mixup
         self.eval_inputs = tuple(eval_inputs)
         self.output_names = tuple(backbone.output_names)
@@ -60,8 +59,8 @@ class SupervisedTask(BaseTask):
         # Evaluation averages the predictions of all views (windows x crops) of a clip, keyed by `key`.
         names = (*self.output_names, "avg")
         self.metric_name = "mAP" if dataset.multi_label else "top1"
-        self.val_clips = nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in self.eval_inputs for n in names})
-        self.test_clips = nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in self.eval_inputs for n in names})
+        self.eval_clips = nn.ModuleDict({stage: nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in self.eval_inputs
+                                                               for n in names}) for stage in ("val", "test")})
 
     # -- targets and losses ------------------------------------------------------------------------------
     def soft_targets(self, label: torch.Tensor) -> torch.Tensor:
@@ -87,11 +86,11 @@ class SupervisedTask(BaseTask):
         if not self.modality_mixup:
             lams["video"] = lams["audio"]
         perm = torch.randperm(target.shape[0], device=target.device)
+        batch = float_audio(batch)  # a no-op after the batch hooks; here for callers that skip them
         mixed = dict(batch)
         for key, lam in lams.items():
-            if batch.get(key) is not None:
-                # int16 audio becomes float in [-1, 1], the scale the front ends read floats in
-                x = batch[key].float() / 32768.0 if batch[key].dtype == torch.int16 else batch[key].float()
+            if batch.get(key) is not None:  # audio in [-1, 1], frames in [0, 255]
+                x = batch[key].float()
                 mixed[key] = lam * x + (1 - lam) * x[perm]
         for key in ("has_audio", "has_video"):
             if key in batch:
@@ -103,13 +102,13 @@ class SupervisedTask(BaseTask):
         if self.combine == "logits":  # MBT: one loss on the averaged logits
             logits = torch.stack([self.heads[n](outputs[n]) for n in self.output_names if n in outputs]).mean(0)
             return {"avg": self.head_loss(logits, target).mean()}
-        flags = dict(zip(("has_audio", "has_video"), modality_flags(batch)))
+        has_audio, has_video = modality_flags(batch)
         losses = {}
         for name in self.output_names:
             if name not in outputs:
                 continue
             per_sample = self.head_loss(self.heads[name](outputs[name]), target)
-            weight = flags[HEAD_NEEDS[name]].float() if name in HEAD_NEEDS else torch.ones_like(per_sample)
+            weight = learns_from(name, has_audio, has_video).float()
             losses[name] = (per_sample * weight).sum() / weight.sum().clamp(min=1)
         return losses
 
@@ -121,13 +120,6 @@ class SupervisedTask(BaseTask):
             batch, target = self.mixup(batch, target)
         losses = self.losses(self(batch), target, batch)
         return torch.stack(list(losses.values())).mean(), {f"loss_{n}": l for n, l in losses.items()}
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, parts = self.compute_loss(batch)
-        bs = batch["label"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
-        return loss
 
     def predict_probs(self, batch: dict, inputs: str = "audio_video", outputs: dict | None = None) -> dict:
         """{head: B x C probabilities} plus "avg", the paper's averaged prediction (of the probabilities; or, with
@@ -146,22 +138,21 @@ class SupervisedTask(BaseTask):
         return (self.unimodal_eval == "auto" and inputs in ("audio", "video")
                 and inputs in getattr(self.backbone, "isolated_outputs", ()))
 
-    def _dropped(self, batch: dict, inputs: str) -> bool:
-        return self.dropped_stream(inputs) and batch.get(inputs) is not None
-
     def eval_settings(self) -> dict[str, str]:
         """How the unimodal columns were computed, for the printed tables."""
         dropped = [i for i in ("audio", "video") if i in self.eval_inputs and self.dropped_stream(i)]
         return {"zero_input": self.zero_input, "unimodal_eval": self.unimodal_eval,
                 "dropped_stream": ",".join(dropped) or "none"}
 
-    def _eval_step(self, batch: dict, clips: nn.ModuleDict, stage: str) -> None:
-        label, keys = batch["label"], batch.get("key")
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        clips, label, keys = self.eval_clips[stage], batch["label"], batch.get("key")
         for inputs in self.eval_inputs:
-            if self._dropped(batch, inputs):  # the own head alone; equal to zero-filling (tests prove it)
+            if self.dropped_stream(inputs):  # the own head alone; equal to zero-filling (tests prove it)
                 kwargs = model_inputs(batch, inputs)
-                kwargs["video" if inputs == "audio" else "audio"] = None
-                outputs = self.backbone(**kwargs, drop_absent=True)
+                present = kwargs[inputs] is not None  # else no clip of the batch has it: its zero input, as the
+                if present:                           # other ranks run the same metrics (their compute gathers)
+                    kwargs["video" if inputs == "audio" else "audio"] = None
+                outputs = self.backbone(**kwargs, drop_absent=present)
                 p = self.probabilities(self.heads[inputs](outputs[inputs]))
                 clips[f"{inputs}-{inputs}"].update(p, label, keys)
                 continue
@@ -173,9 +164,9 @@ class SupervisedTask(BaseTask):
                 self.log(f"{stage}/loss", torch.stack(list(losses.values())).mean(), batch_size=label.shape[0],
                          sync_dist=True)
 
-    def _eval_epoch_end(self, clips: nn.ModuleDict, stage: str) -> None:
+    def _eval_epoch_end(self, stage: str) -> None:
         values, averaged = {}, {}
-        for key, predictions in clips.items():
+        for key, predictions in self.eval_clips[stage].items():
             if not predictions.update_called:
                 continue
             inputs, name = key.split("-")
@@ -190,25 +181,13 @@ class SupervisedTask(BaseTask):
         primary = f"{stage}/{self.eval_inputs[0]}/{own_head(self.eval_inputs[0], self.output_names)}/{self.metric_name}"
         if primary in values:
             values[f"{stage}/score"] = values[primary]
-        self.log_dict(values, sync_dist=False)
-        self.eval_result = EvalResult(stage, {k: float(v) for k, v in values.items()}, averaged)
-        if stage == "test" and self.report_dir and averaged and self.trainer.is_global_zero:
-            from ..reports import log_images, write_classification_reports
+        self._publish(stage, values, predictions=averaged)
 
-            images = write_classification_reports(
-                Path(self.report_dir) / stage, {k: float(v) for k, v in values.items()}, averaged,
-                class_names=self.dataset.class_names, multi_label=self.dataset.multi_label, stage=stage)
-            log_images(self.loggers, images, stage)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_clips, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end(self.val_clips, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_clips, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end(self.test_clips, "test")
-
+def learns_from(output: str, has_audio: torch.Tensor, has_video: torch.Tensor) -> torch.Tensor:
+    """The samples a head's loss counts (paper 4.4: no loss for a missing modality): those with input in a token
+    group its output reads (routing.OUTPUTS). The audio head needs audio, the video head video; the fusion
+    latents are in every sample, so the fusion and global heads learn from all (an unknown output too)."""
+    present = {"audio": has_audio, "video": has_video}
+    reads = OUTPUTS.get(output, ("fusion",))
+    return torch.stack([present.get(g, torch.ones_like(has_audio)) for g in reads]).any(0)
