@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import zorro.data.shards as shards_module
+import zorro.data.stream as stream_module
 from zorro.data.mixed import MixedModalityDataModule
 from zorro.data.shards import ShardDataModule
 from zorro.models import zorro_vit_tiny
@@ -87,7 +87,7 @@ def test_more_workers_than_shards(demo_shards):
 def test_two_ranks_see_disjoint_samples_that_cover_the_split(demo_shards, monkeypatch):
     seen = []
     for rank in range(2):
-        monkeypatch.setattr(shards_module, "_slot", lambda *_, rank=rank: (rank, 2))
+        monkeypatch.setattr(stream_module, "_slot", lambda *_, rank=rank: (rank, 2))
         module = dm(demo_shards, eval_windows=1, eval_crops=1)
         seen.append({k for b in module.test_dataloader() for k in b["key"]})
     assert not seen[0] & seen[1]

@@ -97,7 +97,7 @@ def test_multi_label_is_multi_hot(tiny_multilabel_shards):
 def test_two_ranks_are_disjoint_and_cover_the_split(tiny_shards, monkeypatch, split):
     seen = []
     for rank in range(2):
-        monkeypatch.setattr(shards_module, "_rank_world", lambda rank=rank: (rank, 2))  # what DDP would report
+        monkeypatch.setattr(shards_module, "rank_world", lambda rank=rank: (rank, 2))  # what DDP would report
         loader = getattr(dm(tiny_shards, eval_windows=1, eval_crops=1), f"{split}_dataloader")()
         seen.append([k for b in loader for k in b["key"]])
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(set(seen[0]))
@@ -107,7 +107,7 @@ def test_two_ranks_are_disjoint_and_cover_the_split(tiny_shards, monkeypatch, sp
 def test_two_ranks_train_the_same_number_of_batches_on_disjoint_clips(tiny_shards, monkeypatch):
     seen = []
     for rank in range(2):
-        monkeypatch.setattr(shards_module, "_rank_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(shards_module, "rank_world", lambda rank=rank: (rank, 2))
         loader = dm(tiny_shards).train_dataloader()
         seen.append([k for b in loader for k in b["key"]])
         assert len(seen[-1]) == 2 * len(loader)
