@@ -197,7 +197,8 @@ def test_custom_masking_from_the_command_line_trains(tmp_path):
     check_config(cfg)
     backbone = instantiate(cfg.model)
     assert backbone.routing.name == "custom" and backbone.routing.reads["audio"] == ("audio", "video")
-    train(cfg)
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and "val/score" in metrics  # a step and a validation
     bad = compose_cfg(overrides=["debug=tiny", "masking=custom", "masking.reads={audio:[video],video:[video]}"],
                       output_dir=tmp_path)
     with pytest.raises(InstantiationException, match=r"group 'audio' must read itself"):
