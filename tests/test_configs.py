@@ -1,4 +1,8 @@
-"""Every option of every config group composes, and each group's objects instantiate."""
+"""Every option of every config group composes with the values its file sets and passes the config check (each
+key a parameter of its _target_); the groups a run builds (model x masking, trainer, logger, callbacks, optimizer,
+scheduler, task, data) instantiate, option by option, into objects that carry those settings."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +13,9 @@ from zorro.config import ConfigError, check_config
 from zorro.run import build
 
 from .conftest import CONF, compose_cfg
+from .data.conftest import make_clips, write_shards
 
-NEEDS_DATA_ROOT = {"shards", "mixed"}  # composed here; instantiated in tests/data with real shards
+DATA_ROOTS = {"shards": ["data.root"], "mixed": ["data.audio_root", "data.video_root"]}  # -> a tiny shard folder
 
 
 def options(group):
@@ -103,7 +108,7 @@ def test_models_instantiate_with_every_masking(model, masking, tmp_path):
 
 def _carried(obj, node) -> dict:
     """The config keys `obj` keeps as attributes of the same name, with their values (lists as tuples)."""
-    plain = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    plain = lambda v: tuple(v) if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v  # noqa: E731
     return {k: (plain(getattr(obj, k)), plain(OmegaConf.to_container(node[k]) if OmegaConf.is_config(node[k])
                                               else node[k]))
             for k in node if not str(k).startswith("_") and hasattr(obj, k)}
@@ -167,11 +172,13 @@ def check_group(group: str, cfg, datamodule, task, trainer) -> None:
 def test_group_options_instantiate_with_their_settings(group, option, tmp_path):
     if option in ("tpu", "slurm"):
         pytest.skip("needs torch_xla: tests/test_xla.py; a SLURM job: tests/test_preemption.py")
-    if group == "data" and option in NEEDS_DATA_ROOT:
-        pytest.skip("needs shards: tests/data/test_shards.py (shards), tests/data/test_mixed.py (mixed)")
+    base = ["debug=tiny"]  # its data sizes are synthetic's: shard data runs the tiny model on a tiny shard folder
+    if group == "data" and option in DATA_ROOTS:
+        write_shards(tmp_path / "shards", {"train": [make_clips("tr", 2)], "val": [make_clips("va", 1)]})
+        base = ["model=zorro_vit_tiny", *(f"{key}={tmp_path / 'shards'}" for key in DATA_ROOTS[option])]
     extra = ["trainer.accelerator=cpu"] if (group, option) in {("trainer", "gpu"), ("trainer", "ddp")} else []
     model = ["model=cav_mae_tiny"] if option == "cav_mae_pretrain" or option == "cav_mae" else []
-    cfg = compose_cfg(overrides=["debug=tiny", f"{group}={option}", *extra, *model], output_dir=tmp_path)
+    cfg = compose_cfg(overrides=[*base, f"{group}={option}", *extra, *model], output_dir=tmp_path)
     datamodule, task, trainer = build(cfg)
     check_group(group, cfg, datamodule, task, trainer)
 
