@@ -77,10 +77,15 @@ OUTPUT_DIM = {"zorro_vit": lambda m: m.dim, "mbt": lambda m: m.dim, "cav_mae": l
               "zorro_swin": lambda m: m.embed_dim * 2 ** (len(m.depths) - 1)}
 
 
-@pytest.mark.parametrize("model", [m for m in options("model") if m.endswith("_tiny")])
-@pytest.mark.parametrize("masking", [None, *options("masking")])
+TINY = [m for m in options("model") if m.endswith("_tiny")]
+ZORRO_TINY = [m for m in TINY if m.startswith("zorro_")]  # the rest (MBT, CAV-MAE) have no masking option
+
+
+@pytest.mark.parametrize("model,masking", [(m, k) for m in ZORRO_TINY for k in options("masking")]
+                         + [(m, k) for m in TINY if m not in ZORRO_TINY for k in (None, "zorro")])
 def test_models_instantiate_with_every_masking(model, masking, tmp_path):
-    """Base sizes are instantiated by tests/models (parameter counts); here every tiny model x masking."""
+    """Base sizes are instantiated by tests/models (parameter counts); here every tiny Zorro model x masking, and
+    the baselines (their own fixed fusion) as configured and refusing a masking."""
     cfg = compose_cfg(overrides=[f"model={model}", *([f"masking={masking}"] if masking else [])], output_dir=tmp_path)
     cls = get_class(cfg.model._target_)
     if masking and not hasattr(cls, "maskings"):  # baselines (MBT, CAV-MAE) have their own fixed fusion

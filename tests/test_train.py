@@ -185,9 +185,8 @@ def test_wandb_offline_run(tmp_path):
     assert runs and any(runs[0].glob("*.wandb"))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("masking=vanilla", "Could not find 'masking/vanilla'"),
-    ("model.depth=abc", "Error in config: model.depth: expected int, got 'abc'"),
+@pytest.mark.parametrize("override,message", [  # Hydra's error, and ours (every ConfigError takes the path of the
+    ("masking=vanilla", "Could not find 'masking/vanilla'"),  # second; test_configs checks their messages)
     ("data=shards", "Error in config: missing value for data.root"),
 ])
 def test_bad_overrides_give_one_line_errors(override, message, tmp_path):

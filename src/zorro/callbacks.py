@@ -129,7 +129,7 @@ class SkippedSamples(pl.Callback):
 
 class LineProgressBar(pl.callbacks.ProgressBar):
     """Progress as plain lines on stderr, for logs that are files (SLURM, `> log`, CI), where a tqdm bar writes a
-    `\r` update per step: a line every `every_n_steps` training batches and at an epoch's last, e.g.
+    carriage-return update per step: a line every `every_n_steps` training batches and at an epoch's last, e.g.
     `epoch 3  step 1200/5000  train/loss 2.310  4.1 it/s`; a line every `every_n_steps` batches of a long
     evaluation, and one when it ends with its summary metrics (`val/score`, ...). Chosen by `progress` (train.yaml)."""
 
@@ -225,7 +225,7 @@ class LineProgressBar(pl.callbacks.ProgressBar):
 
 def progress_bar(mode: str = "auto", every_n_steps: int = 50) -> tuple[bool, list]:
     """`progress` (train.yaml): (Trainer's enable_progress_bar, callbacks to add). auto: Lightning's tqdm bars on a
-    terminal, LineProgressBar where stderr is a file or CI is set (a bar there writes a `\r` update per step)."""
+    terminal, LineProgressBar where stderr is a file or CI is set (a bar there rewrites its line at every step)."""
     import os
     import sys
 
