@@ -10,7 +10,7 @@ from zorro.config import ConfigError
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from zorro.data.shards import DataError
+    from zorro.data.stream import DataError
     from zorro.run import train  # imported here so --help and config errors stay fast
 
     try:

@@ -35,8 +35,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from zorro.data.clips import jpeg_size
 from zorro.data.device import collate, decode_on_device
-from zorro.data.shards import ShardDataModule, _jpeg_size, tar_samples
+from zorro.data.reading import tar_samples
+from zorro.data.shards import ShardDataModule
 from zorro.data.transforms import apply_colour, crop_flip, crop_resize, random_resized_box, window_frame_indices
 
 NUM_FRAMES, FRAME_RATE, IMAGE, SR = 8, 3.125, 224, 48_000
@@ -116,7 +118,7 @@ def stage_costs(shards: Path, clips: int, batch: int) -> tuple[dict, dict]:
             idx = window_frame_indices(start=start, num_frames=NUM_FRAMES, frame_rate=FRAME_RATE,
                                        stored_fps=float(meta["fps"]), num_stored=len(names))
             jpegs = [raw[names[i]] for i in idx]
-            width, height = _jpeg_size(jpegs[0])
+            width, height = jpeg_size(jpegs[0])
             view = sampler._views(height, width, random.Random(n))
             t3 = clock()
             clip = torch.stack([decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8), mode=ImageReadMode.RGB)

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import get_class
 
 from zorro.run import evaluate, train
 
@@ -18,18 +21,66 @@ from .conftest import ROOT, compose_cfg, run_script
 MASKINGS = ["zorro", "two_streams", "input_level", "bottleneck"]
 
 
+def fast_dev_run(tmp_path, monkeypatch, *overrides):
+    """train() for one training and one validation batch; returns (metrics, task, parameters before the step)
+    after checking what every such run must do: one optimiser step with a finite loss that moved the backbone
+    and the heads, validation scored, metrics.json written to the run directory."""
+    import zorro.run as run
+
+    real, seen = run.build, {}
+
+    def build(cfg):
+        datamodule, task, trainer = real(cfg)
+        seen.update(task=task, trainer=trainer, before={n: p.detach().clone() for n, p in task.named_parameters()})
+        return datamodule, task, trainer
+
+    monkeypatch.setattr(run, "build", build)
+    metrics = train(compose_cfg(overrides=["debug=tiny", "trainer.fast_dev_run=true", *overrides],
+                                output_dir=tmp_path))
+    task, before = seen["task"], seen["before"]
+    assert seen["trainer"].global_step == 1 and math.isfinite(metrics["train/loss"])
+    moved = {n.split(".")[0] for n, p in task.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert "backbone" in moved and moved - {"backbone"}, moved  # the backbone and its heads / projectors
+    assert math.isfinite(metrics["val/score"])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["train/loss"] == pytest.approx(metrics["train/loss"])
+    return metrics, task
+
+
 @pytest.mark.parametrize("task", ["supervised", "contrastive"])
 @pytest.mark.parametrize("masking", MASKINGS)
-def test_fast_dev_run_every_masking_and_task(masking, task, tmp_path):
-    overrides = ["debug=tiny", "trainer.fast_dev_run=true", f"masking={masking}", f"task={task}"]
-    train(compose_cfg(overrides=overrides, output_dir=tmp_path))  # task.loss=auto: eq. 2 where eq. 3 cannot run
+def test_fast_dev_run_every_masking_and_task(masking, task, tmp_path, monkeypatch):
+    _, built = fast_dev_run(tmp_path, monkeypatch, f"masking={masking}", f"task={task}")  # task.loss=auto: eq. 2
+    assert built.backbone.routing.name == masking                                   # where eq. 3 cannot run
 
 
 @pytest.mark.parametrize("task", ["supervised", "contrastive"])
 @pytest.mark.parametrize("model", ["zorro_swin_tiny", "zorro_hip_tiny", "mbt_tiny", "cav_mae_tiny"])
-def test_fast_dev_run_every_backbone_and_task(model, task, tmp_path):
-    overrides = ["debug=tiny", "trainer.fast_dev_run=true", f"model={model}", f"task={task}"]
-    train(compose_cfg(overrides=overrides, output_dir=tmp_path))
+def test_fast_dev_run_every_backbone_and_task(model, task, tmp_path, monkeypatch):
+    _, built = fast_dev_run(tmp_path, monkeypatch, f"model={model}", f"task={task}")
+    assert type(built.backbone) is get_class(compose_cfg(overrides=[f"model={model}"]).model._target_)
+
+
+def test_progress_outside_a_terminal_is_one_line_per_n_steps(tmp_path, capfd, monkeypatch):
+    """Under pytest stderr is not a TTY, so progress=auto prints lines: 4 training batches, every 2 -> 2 lines,
+    a line at the end of validation and of the test, and no carriage-return bar updates."""
+    train(_tiny(tmp_path, "trainer.max_epochs=1", "progress_every_n_steps=2"))
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if re.match(r"(epoch \d+  |test done)", line)]
+    assert "\r" not in out + err and len(lines) == 4, lines
+    assert re.fullmatch(r"epoch 0  step 2/4  train/loss \d+\.\d{3}  \d+\.\d it/s", lines[0])
+    assert lines[1].startswith("epoch 0  step 4/4  train/loss ")
+    assert re.fullmatch(r"epoch 0  validation done  val/loss \S+  val/num_clips 32  val/score \S+", lines[2])
+    assert lines[3].startswith("test done  test/loss ")
+    from zorro.callbacks import LineProgressBar, progress_bar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    assert progress_bar("auto") == (True, [])  # a terminal: Lightning's tqdm bars
+    monkeypatch.setenv("CI", "true")
+    enabled, (bar,) = progress_bar("auto", 7)
+    assert enabled and isinstance(bar, LineProgressBar) and bar.every_n_steps == 7  # CI: lines, terminal or not
+    assert progress_bar("none") == (False, [])
 
 
 def _tiny(tmp_path, *extra):
@@ -134,9 +185,8 @@ def test_wandb_offline_run(tmp_path):
     assert runs and any(runs[0].glob("*.wandb"))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("masking=vanilla", "Could not find 'masking/vanilla'"),
-    ("model.depth=abc", "Error in config: model.depth: expected int, got 'abc'"),
+@pytest.mark.parametrize("override,message", [  # Hydra's error, and ours (every ConfigError takes the path of the
+    ("masking=vanilla", "Could not find 'masking/vanilla'"),  # second; test_configs checks their messages)
     ("data=shards", "Error in config: missing value for data.root"),
 ])
 def test_bad_overrides_give_one_line_errors(override, message, tmp_path):

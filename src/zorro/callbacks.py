@@ -124,3 +124,118 @@ class SkippedSamples(pl.Callback):
         self.seen = total
         if not trainer.received_sigterm:  # a preempting SIGTERM also kills the workers' curl pipes: not bad data
             dm.check_skipped(total, epochs=trainer.current_epoch - self.first_epoch + 1)
+
+
+
+class LineProgressBar(pl.callbacks.ProgressBar):
+    """Progress as plain lines on stderr, for logs that are files (SLURM, `> log`, CI), where a tqdm bar writes a
+    carriage-return update per step: a line every `every_n_steps` training batches and at an epoch's last, e.g.
+    `epoch 3  step 1200/5000  train/loss 2.310  4.1 it/s`; a line every `every_n_steps` batches of a long
+    evaluation, and one when it ends with its summary metrics (`val/score`, ...). Chosen by `progress` (train.yaml)."""
+
+    def __init__(self, every_n_steps: int = 50):
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"progress_every_n_steps must be at least 1, got {every_n_steps}")
+        self.every_n_steps, self._enabled = every_n_steps, True
+        self._last = (0.0, 0)  # (time, batch) of the previous line: a line's rate covers the batches since
+        self._train_last, self._eval_started = self._last, 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def print(self, *args, **kwargs) -> None:
+        if self._enabled:
+            import sys
+
+            print(*args, **{"file": sys.stderr, "flush": True, **kwargs})
+
+    @staticmethod
+    def _now() -> float:
+        import time
+
+        return time.perf_counter()
+
+    def _line(self, head: str, n: int, total, tail: str = "") -> None:
+        now, (then, before) = self._now(), self._last
+        self._last = (now, n)
+        of = "" if total == float("inf") else f"/{int(total)}"
+        self.print(f"{head} {n}{of}{tail}  {(n - before) / max(now - then, 1e-9):.1f} it/s")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = (self._now(), 0)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        n, total = batch_idx + 1, self.total_train_batches
+        if n % self.every_n_steps == 0 or n == total:
+            metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+            shown = "".join(f"  {k} {v:.3f}" if isinstance(v, float) else f"  {k} {v}" for k, v in metrics.items())
+            self._line(f"epoch {trainer.current_epoch}  step", n, total, shown)
+
+    def _eval_start(self) -> None:
+        self.reset_dataloader_idx_tracker()
+        self._eval_started = self._now()
+        self._train_last, self._last = self._last, (self._eval_started, 0)
+
+    def _eval_batch(self, stage: str, batch_idx: int, dataloader_idx: int) -> None:
+        self.has_dataloader_changed(dataloader_idx)  # the base class's tracker, which its totals below read
+        total = getattr(self, f"total_{'val' if stage == 'validation' else stage}_batches_current_dataloader")
+        n = batch_idx + 1
+        if n % self.every_n_steps == 0 and n != total:
+            self._line(f"{stage}  batch", n, total)
+
+    def _eval_end(self, trainer: pl.Trainer, stage: str, prefix: str) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith(prefix) and k.count("/") == 1 and torch.as_tensor(v).numel() == 1}
+        shown = "".join(f"  {k} {v:.4g}" for k, v in sorted(metrics.items()))
+        epoch = f"epoch {trainer.current_epoch}  " if stage == "validation" else ""
+        self.print(f"{epoch}{stage} done{shown}")
+        then, before = self._train_last  # the next training line's rate leaves the evaluation's time out
+        self._last = (then + self._now() - self._eval_started, before)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self._eval_batch("validation", batch_idx, dataloader_idx)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._eval_end(trainer, "validation", "val/")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._eval_batch("test", batch_idx, dataloader_idx)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_end(trainer, "test", "test/")
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._eval_batch("predict", batch_idx, dataloader_idx)
+
+
+def progress_bar(mode: str = "auto", every_n_steps: int = 50) -> tuple[bool, list]:
+    """`progress` (train.yaml): (Trainer's enable_progress_bar, callbacks to add). auto: Lightning's tqdm bars on a
+    terminal, LineProgressBar where stderr is a file or CI is set (a bar there rewrites its line at every step)."""
+    import os
+    import sys
+
+    from .config import ConfigError
+
+    if mode == "auto":
+        ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
+        mode = "bar" if sys.stderr.isatty() and not ci else "lines"
+    if mode not in ("bar", "lines", "none"):
+        raise ConfigError(f"progress: expected auto, bar, lines or none, got {mode!r}")
+    if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+        raise ConfigError(f"progress_every_n_steps: expected a positive int, got {every_n_steps!r}")
+    return mode != "none", [LineProgressBar(every_n_steps=every_n_steps)] if mode == "lines" else []

@@ -106,12 +106,16 @@ def build(cfg: DictConfig):
         if name == "lr_monitor" and not loggers:  # LearningRateMonitor refuses to run without a logger
             continue
         callbacks.append(instantiate(c))
+    from .callbacks import progress_bar
+
+    show_progress, progress = progress_bar(cfg.get("progress", "auto"), cfg.get("progress_every_n_steps", 50))
+    callbacks += progress
     if "SLURMEnvironment" in str(cfg.trainer.get("plugins")) and "SLURM_PROCID" not in os.environ:
         raise ConfigError("trainer=slurm runs in a SLURM job step (srun, or -m hydra/launcher=submitit_slurm_gpu); "
                           "elsewhere use trainer=ddp (docs/cluster_training.md)")
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                           enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
-                          **_sync_batchnorm(cfg.trainer))
+                          enable_progress_bar=show_progress, **_sync_batchnorm(cfg.trainer))
     return datamodule, task, trainer
 
 

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from zorro.data.shards import DataError, ShardDataModule
+from zorro.data.shards import ShardDataModule
+from zorro.data.stream import DataError
 from zorro.run import train
 
 from ..conftest import ROOT, compose_cfg, run_script

@@ -13,7 +13,8 @@ import torchvision.transforms.v2.functional as TF
 
 import zorro.data.device as device_module
 from zorro.data.device import EncodedFrames, decode_on_device
-from zorro.data.shards import ShardDataModule, tar_samples
+from zorro.data.reading import tar_samples
+from zorro.data.shards import ShardDataModule
 from zorro.data.transforms import _colour_op, apply_colour, colour_params
 from zorro.models import zorro_vit_tiny
 from zorro.tasks import SupervisedTask

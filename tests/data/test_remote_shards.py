@@ -10,7 +10,8 @@ import time
 import pytest
 
 from zorro.config import ConfigError
-from zorro.data.shards import ShardDataModule, shard_url
+from zorro.data.reading import shard_url
+from zorro.data.shards import ShardDataModule
 from zorro.run import evaluate, train
 
 from ..conftest import ROOT, compose_cfg, run_script

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from zorro.data.shards import ShardDataModule, read_manifest
+from zorro.data.reading import read_manifest
+from zorro.data.shards import ShardDataModule
 
 from ..conftest import PREP_ARGS, run_script
 from .test_data_prep import all_samples
