@@ -112,3 +112,25 @@ def test_retrieval_evaluation_scores_the_clip_embeddings_of_clips_with_both_moda
     assert result.scores["val/nce_audio_video"] == pytest.approx(float(nce_loss(za, zv, temperature=0.05)))
     terms = [result.scores[f"val/nce_{p}"] for p in ("audio_video", "audio_fusion", "video_fusion")]
     assert result.scores["val/loss"] == pytest.approx(sum(terms))
+
+
+@pytest.mark.parametrize("missing_modality", ["zeros", "drop"])
+def test_a_batch_without_pairs_is_a_zero_loss_not_an_error(missing_modality):
+    """An audio-only batch (mixed data, or a shard batch of audio-only clips) reaches the task with video None
+    (the batch contract); with one pair or none there are no negatives: the loss is zero, finite, backpropagates,
+    and the projector's BatchNorm statistics do not move."""
+    task = ContrastiveTask(backbone=zorro_vit_tiny(missing_modality=missing_modality), loss="eq3",
+                           projector_hidden_dim=32, projector_dim=16,
+                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-3)).train()
+    audio, video = inputs(batch=3)
+    bn = task.projectors["audio"].net[1]
+    before = bn.running_mean.clone()
+    for batch in ({"audio": audio, "video": None},
+                  {"audio": audio, "video": video, "has_video": torch.tensor([True, False, False])}):
+        loss, parts = task.compute_loss(task.device_batch(batch))
+        assert torch.isfinite(loss) and loss.item() == 0.0 and task.num_pairs < 2
+        loss.backward()
+        torch.testing.assert_close(bn.running_mean, before)
+    batch = {"audio": audio, "video": video}  # three pairs: a real loss
+    loss, _ = task.compute_loss(task.device_batch(batch))
+    assert loss.item() > 0 and task.num_pairs == 3

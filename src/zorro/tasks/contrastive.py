@@ -49,8 +49,13 @@ class Projector(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         fc1, norm, relu, fc2 = self.net
         h = fc1(x)
-        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and self.training and valid is not None \
-                and 2 <= int(valid.sum()) < len(valid):
+        masked_bn = isinstance(norm, nn.modules.batchnorm._BatchNorm) and self.training and valid is not None
+        count = int(valid.sum()) if masked_bn else len(h)
+        if masked_bn and count < 2:
+            # no batch statistics to take (no pairs in this batch): every row uses the running averages
+            h = F.batch_norm(h, norm.running_mean, norm.running_var, norm.weight, norm.bias, training=False,
+                             eps=norm.eps)
+        elif masked_bn and count < len(valid):
             # batch statistics (and running averages) from the valid rows; the others use the running averages
             out = torch.empty_like(h)
             out[valid] = norm(h[valid])
@@ -109,12 +114,19 @@ class ContrastiveTask(RetrievalTask):
         outputs = self(batch)
         has_audio, has_video = modality_flags(batch)
         valid = has_audio & has_video
-        return {n: p(outputs[n], valid) for n, p in self.projectors.items()}, valid
+        # An output left out (missing_modality=drop on a batch without that modality) has no pairs here; zeros keep
+        # its gathered shape equal on every rank, and `valid` excludes them.
+        ref = next(iter(outputs.values()))
+        return {n: p(outputs[n] if n in outputs else ref.new_zeros(ref.shape), valid)
+                for n, p in self.projectors.items()}, valid
 
     def contrastive_loss(self, z: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, torch.Tensor]:
         valid = self._gather(valid, sync_grads=False)
         z = {n: self._gather(e, sync_grads=True)[valid] for n, e in z.items()}
         self.num_pairs = int(valid.sum())  # pairs over all devices: each one's negatives are the others
+        if self.num_pairs < 2:  # no negatives (e.g. an audio-only batch): nothing to learn, a zero loss in the graph
+            zero = sum(e.sum() for e in z.values()) * 0
+            return {f"{a}_{b}": zero for a, b in self.pairs}
         return {f"{a}_{b}": nce_loss(z[a], z[b], temperature=self.temperature, normalizer=self.normalizer)
                 for a, b in self.pairs}
 
