@@ -160,6 +160,10 @@ def test_masking_sweep_multirun(tmp_path):
     assert "V = video head, A = audio head" in captions and "normalised model input" in captions
     assert "computed with the other stream left out" in captions  # zorro / two_streams: the fast exact path
     assert (tmp_path / "report.csv").exists()
+    # a log for files: progress as lines (no \r), and Lightning's lines once each (not also through its own handler)
+    log = proc.stdout + proc.stderr
+    assert "\r" not in log and "step" in log
+    assert log.count("GPU available: False") == 4, log[-3000:]
 
 
 def test_self_supervised_table3_is_one_sweep(tmp_path):

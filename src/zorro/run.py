@@ -27,6 +27,13 @@ from .tasks.base import checkpoint_run, dataset_dict
 log = logging.getLogger("zorro")
 
 
+def _log_once() -> None:
+    """The `lightning` package logs through its own console handler and also to the root logger, which Hydra
+    configures (console + the run's .log file): every Lightning line appeared twice. Keep Hydra's."""
+    if logging.getLogger().handlers:
+        logging.getLogger("lightning").handlers.clear()
+
+
 def _fill_run_names(cfg: DictConfig) -> None:
     """W&B run name from the command-line overrides, group from the sweep directory under -m."""
     if not HydraConfig.initialized():
@@ -131,6 +138,7 @@ def _sync_batchnorm(trainer_cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    _log_once()
     _fill_run_names(cfg)
     datamodule, task, trainer = build(cfg)  # the loggers get the task's hyper-parameters from Lightning
     if cfg.get("train", True):
@@ -211,6 +219,7 @@ def eval_data(cfg: DictConfig, run: DictConfig) -> DictConfig:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test-set metrics of a checkpoint for A, V and A+V inputs; printed as a table, saved as metrics.json,
     the run reports written by the RunReports callback (evaluate.yaml `callbacks`), logged by `logger=...`."""
+    _log_once()
     check_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "data"]))  # data: checked once merged
     ckpt, run = load_checkpoint(cfg.ckpt_path)
     with open_dict(run):
@@ -228,6 +237,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                                 "logger": cfg.get("logger"), "callbacks": cfg.get("callbacks")})
         resolved = OmegaConf.to_container(own, resolve=True)
         run.paths, run.logger, run.callbacks = resolved["paths"], resolved["logger"], resolved["callbacks"]
+        run.progress, run.progress_every_n_steps = cfg.get("progress", "auto"), cfg.get("progress_every_n_steps", 50)
         run.pretrained = run.init_from = None  # the checkpoint's weights replace any initialisation (no file reads)
     split = cfg.get("split", "test")
     if cfg.get("protocol", "test") == "linear_probe":
