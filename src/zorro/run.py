@@ -167,7 +167,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         probe_metrics, settings = run_probe(cfg.probe, datamodule, trainer, task, split,
                                             out / "probe" if out is not None else None)
         metrics.update(probe_metrics)
-    if out is not None and out.is_dir():
+    if out is not None and out.is_dir() and trainer.is_global_zero:  # one writer under DDP
         saved = {**metrics, **({"eval_settings": settings} if settings else {})}
         (out / "metrics.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
         log.info("run directory: %s", out)

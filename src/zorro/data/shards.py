@@ -103,7 +103,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def frames_on_device(self) -> bool:
         """data.decode_on_device: `auto` decodes the frames on the device when the trainer runs on CUDA (nvJPEG);
-        outside a trainer (tests, benchmarks, the linear probe) and on CPU the workers decode them."""
+        outside a trainer (tests, benchmarks, evaluate.py's linear probe) and on CPU the workers decode them."""
         if self.decode_on_device == "auto":
             from lightning.pytorch.accelerators import CUDAAccelerator
 
@@ -158,10 +158,9 @@ class ShardDataModule(pl.LightningDataModule):
         if stage != "train":
             if not self.has_split(stage):
                 return []
-            stream = self.stream(stage)
-            stream.sampler.encoded = False  # the probe runs the backbone outside Lightning: decode in the workers
+            stream = self.stream(stage)  # encoded frames where the trainer decodes them (the probe's trainer.predict)
             return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
-        sampler = self.samplers["features"]
+        sampler = self._sampler("features")
         rank, world = self._rank_world()
         stream = ShardStream(shards=[shard_url(self.root, s["name"]) for s in self._shards("train")],
                              counts=[s["num_samples"] for s in self._shards("train")], sampler=sampler, train=False,

@@ -39,6 +39,9 @@ class FeatureExtractor(pl.LightningModule):
         super().__init__()
         self.task, self.inputs, self.zero_input = task, tuple(inputs), zero_input
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        return self.task.on_before_batch_transfer(batch, dataloader_idx)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         return self.task.on_after_batch_transfer(batch, dataloader_idx)
 
