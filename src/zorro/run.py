@@ -168,9 +168,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                             out / "probe" if out is not None else None)
         metrics.update(probe_metrics)
     if out is not None and out.is_dir() and trainer.is_global_zero:  # one writer under DDP
-        saved = {**metrics, **({"eval_settings": settings} if settings else {})}
-        (out / "metrics.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
-        log.info("run directory: %s", out)
+        _save_metrics(out, metrics, settings)
     if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
         log.info("best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
     return metrics
