@@ -11,7 +11,7 @@ from zorro.models import MODELS, zorro_vit_tiny
 from zorro.tasks import CAVMAEPretrainTask, ContrastiveTask, SupervisedTask
 from zorro.tasks.base import checkpoint_run, float_audio, mark_absent
 
-from ..models.test_layers import inputs
+from ..models.helpers import inputs
 
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
 
@@ -161,3 +161,18 @@ def test_a_checkpoint_carries_the_run_config_and_dataset_as_hyperparameters(tmp_
     (hparams_file,) = tmp_path.glob("csv/version_*/hparams.yaml")
     logged = yaml.safe_load(hparams_file.read_text())  # plain YAML: readable without this code
     assert logged["config"]["model"] == config["model"] and logged["dataset"]["num_classes"] == info.num_classes
+
+
+def test_a_checkpoint_with_the_unused_two_streams_fusion_copies_still_loads_strictly():
+    """Before separate weights were built only for the routing's groups, two_streams checkpoints carried a fusion
+    copy of every per-group layer (never used by a step); such a checkpoint still loads, with its weights."""
+    task = supervised(zorro_vit_tiny(masking="two_streams", separate_weights=True))
+    assert not any(".parts.fusion." in k for k in task.state_dict())
+    old = {k: v.clone() + 1 for k, v in task.state_dict().items()}
+    for key in [k for k in old if ".parts.audio." in k]:  # what the old model also had: a fusion copy
+        old[key.replace(".parts.audio.", ".parts.fusion.")] = old[key].clone()
+    task.load_state_dict(old)  # strict
+    torch.testing.assert_close(task.state_dict()["backbone.blocks.0.attn.qkv.parts.audio.weight"],
+                               old["backbone.blocks.0.attn.qkv.parts.audio.weight"])
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # anything else unexpected is still an error
+        task.load_state_dict({**old, "backbone.blocks.0.extra.weight": torch.zeros(1)})

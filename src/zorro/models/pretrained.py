@@ -155,6 +155,17 @@ def _summarise(keys: list[str], limit: int = 12) -> list[str]:
 
 
 # -- timm ViT / MAE -> the ViT backbones (key renames for load_into) -------------------------------------------
+def drop_unbuilt_group_copies(state: dict, expected: Iterable[str]) -> list[str]:
+    """Checkpoints written before separate weights were built only for the routing's groups carry a fusion copy of
+    every per-group layer for two_streams, which no step used: remove those keys from `state` (in place) so the
+    checkpoint loads strictly; returns them."""
+    expected = set(expected)
+    dropped = [k for k in state if ".parts.fusion." in k and k not in expected]
+    for key in dropped:
+        del state[key]
+    return dropped
+
+
 def vit_into_zorro_vit(*, groups: Sequence[str] | None) -> Rename:
     """timm ViT keys -> Zorro-ViT's: the patch embedding and positions into both modalities, each block into the
     shared weights (groups None) or, with separate weights, into every group's copy (e.g. audio, fusion, video)."""

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data.device import EncodedFrames, decode_on_device
 from ..data.info import DatasetInfo
+from ..models.pretrained import drop_unbuilt_group_copies
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,13 @@ class BaseTask(pl.LightningModule):
             optimizer = functools.partial(optimizer.func, *optimizer.args, **keywords)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        """Also reads checkpoints written before two_streams stopped building unused separate-weight fusion copies
+        (Lightning's restore, evaluate.py and the probe all load through here)."""
+        state_dict = dict(state_dict)
+        drop_unbuilt_group_copies(state_dict, self.state_dict().keys())
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
 
     def forward(self, batch: dict, inputs: str = "audio_video", zero_input: str = "normalised") -> dict[str, torch.Tensor]:
         return self.backbone(**model_inputs(batch, inputs, zero_input))
