@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix, multilabel_average_precision
 
+from ..tasks.retrieval import retrieval_recall
 from .tables import COLUMNS, cells, head_rows, write_csv
 
 
@@ -100,11 +101,8 @@ def write_retrieval_reports(out: Path, z_audio: torch.Tensor, z_video: torch.Ten
     out.mkdir(parents=True, exist_ok=True)
     plt = _plt()
     ks = list(range(1, min(50, len(z_audio)) + 1))
-    curves = {}
-    for name, (q, g) in {"audio->video": (z_audio, z_video), "video->audio": (z_video, z_audio)}.items():
-        sims = q @ g.t()
-        rank = (sims > sims.diagonal().unsqueeze(1)).sum(1)
-        curves[name] = [float((rank < k).float().mean()) for k in ks]
+    curves = {name: [float(r) for r in retrieval_recall(q, g, ks).values()]
+              for name, (q, g) in {"audio->video": (z_audio, z_video), "video->audio": (z_video, z_audio)}.items()}
     with open(out / "retrieval_recall.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["k", *curves])

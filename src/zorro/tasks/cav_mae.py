@@ -92,14 +92,12 @@ class CAVMAEPretrainTask(RetrievalTask):
 
     def contrastive_loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         has_audio, has_video = modality_flags(batch)
-        # negatives from every device: gathered with gradients, each rank computes the global loss
-        valid = self._gather(has_audio & has_video, sync_grads=False)
-        za, zv = (self._gather(F.normalize(out[m], dim=-1), sync_grads=True)[valid] for m in ("audio", "video"))
-        self.num_pairs = int(valid.sum())
-        if self.num_pairs < 2:  # no negatives: no contrastive signal in this batch
-            zero = (out["audio"].sum() + out["video"].sum()) * 0
+        z = {m: F.normalize(out[m], dim=-1) for m in ("audio", "video")}
+        pairs = self.training_pairs(z, has_audio & has_video)  # negatives from every device
+        if pairs is None:
+            zero = self.zero_loss(z)
             return zero, zero.detach()
-        return cav_nce(za, zv, temperature=self.temperature, normalizer=self.normalizer)
+        return cav_nce(pairs["audio"], pairs["video"], temperature=self.temperature, normalizer=self.normalizer)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, its terms) of a training batch; no logging, so any loop can drive it."""

@@ -121,13 +121,10 @@ class ContrastiveTask(RetrievalTask):
                 for n, p in self.projectors.items()}, valid
 
     def contrastive_loss(self, z: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        valid = self._gather(valid, sync_grads=False)
-        z = {n: self._gather(e, sync_grads=True)[valid] for n, e in z.items()}
-        self.num_pairs = int(valid.sum())  # pairs over all devices: each one's negatives are the others
-        if self.num_pairs < 2:  # no negatives (e.g. an audio-only batch): nothing to learn, a zero loss in the graph
-            zero = sum(e.sum() for e in z.values()) * 0
-            return {f"{a}_{b}": zero for a, b in self.pairs}
-        return {f"{a}_{b}": nce_loss(z[a], z[b], temperature=self.temperature, normalizer=self.normalizer)
+        pairs = self.training_pairs(z, valid)  # every device's pairs: each one's negatives are the others
+        if pairs is None:
+            return {f"{a}_{b}": self.zero_loss(z) for a, b in self.pairs}
+        return {f"{a}_{b}": nce_loss(pairs[a], pairs[b], temperature=self.temperature, normalizer=self.normalizer)
                 for a, b in self.pairs}
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -37,6 +37,23 @@ class RetrievalTask(BaseTask):
 
     eval_clips: nn.ModuleDict
 
+    def training_pairs(self, z: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The paired embeddings of every device for a training loss: gathered with gradients (each rank computes
+        the global loss; with DDP's gradient averaging that is exactly the global-batch gradient), the rows of
+        samples with both modalities (`valid`). Sets `num_pairs`; None below two pairs (no negatives, e.g. an
+        audio-only batch): the loss is then `zero_loss(z)`. Every rank sees the same gathered count, so all take
+        the same branch."""
+        valid = self._gather(valid, sync_grads=False)
+        self.num_pairs = int(valid.sum())
+        if self.num_pairs < 2:
+            return None
+        return {n: self._gather(e, sync_grads=True)[valid] for n, e in z.items()}
+
+    @staticmethod
+    def zero_loss(z: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A zero loss in the graph of the embeddings: nothing to learn, and every parameter still takes part."""
+        return sum(e.sum() for e in z.values()) * 0
+
     def eval_embeddings(self, batch: dict, stage: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         raise NotImplementedError
 
