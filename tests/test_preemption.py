@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,24 @@ def train_args(shards, run_dir, log, workers, *extra):
             "+callbacks.keylog._target_=tests.keylog.KeyLog", f"+callbacks.keylog.path={log}", *extra]
 
 
+def start_paused(args, log, *, env=None, new_session=False) -> subprocess.Popen:
+    """train.py with `+callbacks.keylog.pause_at_step=N` in `args`, returned once the KeyLog callback has paused
+    there (`<log>.paused`), so a signal lands mid-epoch at a known step. new_session: its own process group (a
+    signal to the whole group, as SLURM / Kubernetes send it, data-loader workers included)."""
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_session,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})})
+    deadline = time.time() + 300
+    while not Path(f"{log}.paused").exists():
+        if proc.poll() is not None or time.time() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL) if new_session else proc.kill()
+            _, err = proc.communicate()
+            raise AssertionError(f"train.py did not reach its pause (exit {proc.returncode}):\n{err[-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
 def batches(rows):
     return [(r["epoch"], r["step"], r["keys"], round(r["video"], 3), round(r["audio"], 3)) for r in rows]
 
@@ -46,15 +65,8 @@ def test_sigterm_mid_epoch_then_auto_resume_sees_the_same_batches(shards, tmp_pa
 
     run_dir, log = tmp_path / "run", tmp_path / "run.jsonl"
     args = train_args(shards, run_dir, log, workers)
-    # Its own session, and the signal to the whole group, as SLURM / Kubernetes do (data-loader workers included).
-    proc = subprocess.Popen([sys.executable, *map(str, args), f"+callbacks.keylog.pause_at_step={stop}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    proc = start_paused([*args, f"+callbacks.keylog.pause_at_step={stop}"], log, new_session=True)
     try:
-        deadline = time.time() + 300
-        while not (tmp_path / "run.jsonl.paused").exists():
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() else "slow"
-            time.sleep(0.2)
         sent = time.time()
         os.killpg(proc.pid, signal.SIGTERM)
         ckpt = run_dir / "checkpoints" / "preempted.ckpt"
@@ -82,14 +94,8 @@ def test_sigterm_mid_epoch_then_auto_resume_sees_the_same_batches(shards, tmp_pa
 def test_sigusr1_is_an_early_sigterm(shards, tmp_path):
     """Outside SLURM's auto-requeue (which handles SIGUSR1 itself) SIGUSR1 stops the run the same way."""
     log = tmp_path / "run.jsonl"
-    proc = subprocess.Popen([sys.executable, *map(str, train_args(shards, tmp_path / "run", log, 0)),
-                             "+callbacks.keylog.pause_at_step=2"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    proc = start_paused([*train_args(shards, tmp_path / "run", log, 0), "+callbacks.keylog.pause_at_step=2"], log)
     try:
-        deadline = time.time() + 300
-        while not (tmp_path / "run.jsonl.paused").exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.2)
         proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -113,13 +119,9 @@ def test_under_slurm_usr1_requeues_and_sigterm_checkpoints(shards, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "run.jsonl"
     args = [*train_args(shards, run_dir, log, 0), "trainer=slurm", "trainer.accelerator=cpu", "trainer.devices=1",
             "trainer.precision=32-true", "+callbacks.keylog.pause_at_step=2"]
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0", **slurm})
+    proc = start_paused(args, log, env=slurm)
     try:
         deadline = time.time() + 300
-        while not (tmp_path / "run.jsonl.paused").exists():
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
-            time.sleep(0.2)
         proc.send_signal(signal.SIGUSR1)
         while not (tmp_path / "scontrol.log").exists() and time.time() < deadline:
             time.sleep(0.2)

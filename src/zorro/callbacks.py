@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +131,6 @@ class SkippedSamples(pl.Callback):
             dm.check_skipped(total, epochs=trainer.current_epoch - self.first_epoch + 1)
 
 
-
 class LineProgressBar(pl.callbacks.ProgressBar):
     """Progress as plain lines on stderr, for logs that are files (SLURM, `> log`, CI), where a tqdm bar writes a
     carriage-return update per step: a line every `every_n_steps` training batches and at an epoch's last, e.g.
@@ -149,14 +153,10 @@ class LineProgressBar(pl.callbacks.ProgressBar):
 
     def print(self, *args, **kwargs) -> None:
         if self._enabled:
-            import sys
-
             print(*args, **{"file": sys.stderr, "flush": True, **kwargs})
 
     @staticmethod
     def _now() -> float:
-        import time
-
         return time.perf_counter()
 
     def _line(self, head: str, n: int, total, tail: str = "") -> None:
@@ -226,11 +226,6 @@ class LineProgressBar(pl.callbacks.ProgressBar):
 def progress_bar(mode: str = "auto", every_n_steps: int = 50) -> tuple[bool, list]:
     """`progress` (train.yaml): (Trainer's enable_progress_bar, callbacks to add). auto: Lightning's tqdm bars on a
     terminal, LineProgressBar where stderr is a file or CI is set (a bar there rewrites its line at every step)."""
-    import os
-    import sys
-
-    from .config import ConfigError
-
     if mode == "auto":
         ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
         mode = "bar" if sys.stderr.isatty() and not ci else "lines"
