@@ -292,6 +292,21 @@ def test_readme_resume_command_rebuilds_the_run_from_the_checkpoint(uninterrupte
     assert resumed["hyper_parameters"]["config"]["model"] == before["hyper_parameters"]["config"]["model"]
 
 
+@pytest.mark.slow
+def test_resume_from_the_run_folder_alone(uninterrupted, tmp_path):
+    """`python train.py hydra.run.dir=<run> ckpt_path=auto`: the newest checkpoint of that folder, its config."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted(0), run_dir)
+    proc = run_script(ROOT / "train.py", f"hydra.run.dir={run_dir}", "ckpt_path=auto", "trainer.max_epochs=3")
+    out = proc.stdout + proc.stderr
+    assert f"resuming {run_dir / 'checkpoints' / 'last.ckpt'} with the run's config from the checkpoint; from the " \
+           "command line: trainer.max_epochs=3" in out, out[-3000:]
+    assert "new checkpoints go to" not in out
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 18
+
+
 def test_no_validation_split_says_so_and_tests_the_last_weights(tmp_path, caplog, recwarn):
     """Shards with train and test splits only: one line at the start says there is no validation and names the
     checkpoint the test uses (last.ckpt); no best-*.ckpt, no Lightning warning about the monitored key."""

@@ -252,10 +252,14 @@ def resume_config(cfg: DictConfig) -> DictConfig:
                 OmegaConf.update(run, key, cfg._get_node(key) if key in cfg else value, merge=False, force_add=True)
             applied.append(override)
         run.ckpt_path = str(path)
-    log.info("resuming %s with the run's config from the checkpoint%s%s", path,
+    dirs, _ = preemption.checkpoint_dirs(run)
+    elsewhere = Path(path).resolve().parent not in {d.resolve() for d in dirs}
+    log.info("resuming %s with the run's config from the checkpoint%s%s%s", path,
              f"; from the command line: {' '.join(applied)}" if applied else "",
              f"; ignored (they compose a new config; give key=value to change a value): {' '.join(ignored)}"
-             if ignored else "")
+             if ignored else "",
+             f"; new checkpoints go to {dirs[0]} (best-* among the epochs from here on; to go on in the run's own "
+             f"folder: hydra.run.dir=<that folder> ckpt_path=auto)" if elsewhere and dirs else "")
     return run
 
 
