@@ -403,7 +403,8 @@ class CAVMAE(AVBackbone):
                 for key, value in classifier.items():
                     param = getattr(target, key.rsplit(".", 1)[1])
                     param.copy_(value.to(param.dtype))
-                    report.loaded.append(f"heads.global.{key.rsplit('.', 1)[1]} <- {key}")
+                    report.loaded.append(f"heads.global.{key.rsplit('.', 1)[1]}")
+                    report.sources[report.loaded[-1]] = key
             return
         for key in classifier:
             report.unused(key, why)

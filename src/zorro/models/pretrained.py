@@ -68,6 +68,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)  # unexpected key -> why it is not used
+    sources: dict[str, str] = field(default_factory=dict)  # loaded model key -> the checkpoint key it came from
 
     def unused(self, key: str, reason: str) -> None:
         self.unexpected.append(key)
@@ -129,6 +130,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
             updates[key] = adapted.to(want.dtype)
             seen.add(key)
             report.loaded.append(key)
+            report.sources[key] = src_key
             if how:
                 report.resized.append((key, tuple(value.shape), tuple(want.shape), how))
     module.load_state_dict(updates, strict=False)
