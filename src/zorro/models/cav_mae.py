@@ -16,6 +16,7 @@ so its released checkpoints (pre-trained and fine-tuned) load by name (`load_pre
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -368,6 +369,9 @@ class CAVMAE(AVBackbone):
                               "fine-tuning discards it)")
             if dst in ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v"):
                 return Unused(self._fixed_table_note(dst, state[key]))
+            if re.fullmatch(r"(blocks_a|blocks_v|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)", dst):
+                return Unused("the official Block's per-stream LayerNorms, which its forward reads only in the "
+                              "joint layer (blocks_u): unused in the modality and decoder layers there too")
             if dst.startswith("head_norm."):
                 return Unused("the official fine-tuning head: this model has per-output heads (head=per_output)")
             return dst
