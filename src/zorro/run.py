@@ -98,8 +98,8 @@ def init_backbone(backbone, path: str, heads=None):
     projectors) and what the backbone lacks (a pre-training decoder when it is built without one) are listed as
     unused in the report. A file without `backbone.*` keys is an official release in the backbone's own layout,
     read by its `load_official` (CAV-MAE: a fine-tuned release also fills `heads`). A file of which no tensor
-    fits is a one-line error."""
-    from .models.pretrained import Unused, load_into, load_state
+    fits is a one-line error (image weights go through `pretrained=`, which converts them)."""
+    from .models.pretrained import LoadReport, Unused, load_into, load_state
 
     state = load_state(path)
     if any(k.startswith("backbone.") for k in state):
@@ -108,11 +108,12 @@ def init_backbone(backbone, path: str, heads=None):
     elif hasattr(backbone, "load_official"):
         report = backbone.load_official(state, heads=heads)
     else:
-        report = load_into(backbone, state)
+        report = LoadReport()
     if not report.loaded:
         keys = ", ".join(list(state)[:3])
         raise ConfigError(f"init_from: none of the {len(state)} tensors of {path} fits {type(backbone).__name__} "
-                          f"(keys like {keys}); give a train.py checkpoint of this model or its official release")
+                          f"(keys like {keys}); give a train.py checkpoint of this model or its official release "
+                          "(image weights: pretrained=)")
     return report
 
 
