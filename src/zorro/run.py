@@ -69,16 +69,16 @@ def build_task(cfg: DictConfig):
         if not hasattr(backbone, "load_pretrained"):
             raise ConfigError(f"pretrained: {type(backbone).__name__} has no ImageNet initialisation")
         log.info("%s: %s", cfg.pretrained, backbone.load_pretrained(cfg.pretrained))
-    if cfg.get("init_from"):  # fine-tuning: the backbone of a train.py checkpoint (e.g. CAV-MAE pre-training)
-        log.info("%s: %s", cfg.init_from, init_backbone(backbone, cfg.init_from))
-    if compile_wanted(cfg):
-        backbone.compile()
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     # (partial, then called: Hydra's instantiate reserves the keyword `config`); the resolved config and the
     # dataset info become the task's saved hyper-parameters, so every checkpoint can rebuild its run
     task = instantiate(cfg.task, _partial_=True, _convert_="all")(
         backbone=backbone, optimizer=instantiate(cfg.optimizer), scheduler=scheduler,
         config=OmegaConf.to_container(cfg, resolve=True), dataset=dataset_dict(datamodule.info))
+    if cfg.get("init_from"):  # fine-tuning: a train.py checkpoint's backbone, or an official release file
+        log.info("%s: %s", cfg.init_from, init_backbone(backbone, cfg.init_from, heads=getattr(task, "heads", None)))
+    if compile_wanted(cfg):
+        backbone.compile()
     return datamodule, task
 
 
@@ -93,13 +93,28 @@ def compile_wanted(cfg: DictConfig) -> bool:
     return value
 
 
-def init_backbone(backbone, path: str):
-    """Copy the `backbone.*` weights of a checkpoint into `backbone`; the rest (heads, projectors) and what the
-    backbone lacks (a pre-training decoder when it is built without one) are listed as unused in the report."""
-    from .models.pretrained import load_into, load_state
+def init_backbone(backbone, path: str, heads=None):
+    """Copy the `backbone.*` weights of a train.py checkpoint into `backbone`; the rest (the source run's heads,
+    projectors) and what the backbone lacks (a pre-training decoder when it is built without one) are listed as
+    unused in the report. A file without `backbone.*` keys is an official release in the backbone's own layout,
+    read by its `load_official` (CAV-MAE: a fine-tuned release also fills `heads`). A file of which no tensor
+    fits is a one-line error (image weights go through `pretrained=`, which converts them)."""
+    from .models.pretrained import LoadReport, Unused, load_into, load_state
 
-    return load_into(backbone, load_state(path),
-                     rename=lambda key: key.removeprefix("backbone.") if key.startswith("backbone.") else None)
+    state = load_state(path)
+    if any(k.startswith("backbone.") for k in state):
+        report = load_into(backbone, state, rename=lambda key: key.removeprefix("backbone.") if key.startswith(
+            "backbone.") else Unused("not the backbone (the source run's heads / projectors)"))
+    elif hasattr(backbone, "load_official"):
+        report = backbone.load_official(state, heads=heads)
+    else:
+        report = LoadReport()
+    if not report.loaded:
+        keys = ", ".join(list(state)[:3])
+        raise ConfigError(f"init_from: none of the {len(state)} tensors of {path} fits {type(backbone).__name__} "
+                          f"(keys like {keys}); give a train.py checkpoint of this model or its official release "
+                          "(image weights: pretrained=)")
+    return report
 
 
 def build(cfg: DictConfig):

@@ -2,8 +2,10 @@ import pytest
 import timm
 import torch
 
-from zorro.models import zorro_vit_tiny
+from zorro.config import ConfigError
+from zorro.models import cav_mae_tiny, zorro_vit_tiny
 from zorro.models.pretrained import load_into, load_state
+from zorro.run import init_backbone
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +57,29 @@ def test_load_state_needs_a_local_file(tmp_path):
     torch.save({"a": 1}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="not a state dict"):
         load_state(tmp_path / "bad.pth")
+
+
+def test_a_model_tensor_written_twice_is_an_error(vit_file):
+    _, path = vit_file
+    model = zorro_vit_tiny()
+    state = load_state(path)
+    with pytest.raises(ValueError, match="both map to 'video_pos'"):
+        load_into(model, {"pos_embed": state["pos_embed"], "other": state["pos_embed"]},
+                  rename=lambda key: "video_pos", pos_grids={"video_pos": (4, 4, 4)})
+
+
+@pytest.mark.parametrize("build", [zorro_vit_tiny, cav_mae_tiny])
+def test_init_from_a_file_that_does_not_fit_is_a_one_line_error(tmp_path, build):
+    torch.save({"encoder.layer.0.weight": torch.zeros(3, 3), "classifier.bias": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="none of the 2 tensors of .*other.pth fits") as error:
+        init_backbone(build(), str(tmp_path / "other.pth"))
+    assert "\n" not in str(error.value)
+
+
+def test_init_from_a_train_checkpoint_loads_the_backbone_and_names_the_rest(tmp_path):
+    source = cav_mae_tiny()
+    torch.save({"state_dict": {**{f"backbone.{k}": v for k, v in source.state_dict().items()},
+                               "heads.global.weight": torch.zeros(3, 64)}}, tmp_path / "run.ckpt")
+    report = init_backbone(cav_mae_tiny(), str(tmp_path / "run.ckpt"))
+    assert not report.missing and report.unexpected == ["heads.global.weight"]
+    assert "heads" in report.reasons["heads.global.weight"]

@@ -233,3 +233,34 @@ def test_the_unimodal_settings_score_the_same_heads_whatever_the_batch_holds():
         got, zero_filled = _eval_scores(task, batch, inputs_), _eval_scores(task, loader_batch, inputs_)
         assert set(got) == set(zero_filled) == {inputs_}
         torch.testing.assert_close(got[inputs_], zero_filled[inputs_], atol=1e-6, rtol=1e-5)
+
+
+def test_cav_mae_smoothing_is_the_official_loaders():
+    """smoothing=cav_mae (the official CAV-MAE / AST data loader): a label's class 1 - eps, every other eps / C."""
+    ml = make_task(multi_label=True, label_smoothing=0.1, smoothing="cav_mae")
+    t = ml.soft_targets(torch.tensor([[1.0, 0, 1, 0, 0, 0]]))
+    torch.testing.assert_close(t, torch.tensor([[0.9, 0.1 / 6, 0.9, 0.1 / 6, 0.1 / 6, 0.1 / 6]]))
+    single = make_task(label_smoothing=0.1, smoothing="cav_mae").soft_targets(torch.tensor([2]))
+    torch.testing.assert_close(single, torch.tensor([[0.1 / 6, 0.1 / 6, 0.9, 0.1 / 6, 0.1 / 6, 0.1 / 6]]))
+    with pytest.raises(ValueError, match="smoothing"):
+        make_task(smoothing="other")
+
+
+def test_head_lr_scale_puts_the_new_heads_in_their_own_groups():
+    """The official CAV-MAE fine-tuning trains its new head (mlp_head: the backbone's head_norm and the task's
+    Linear) at head_lr x the LR; every other parameter keeps the LR and its weight-decay group."""
+    from zorro.models import cav_mae_tiny
+
+    task = SupervisedTask(backbone=cav_mae_tiny(decoder_depth=0, head="official", trainable_pos=True),
+                          dataset=DatasetInfo(num_classes=6, multi_label=True), head_lr_scale=10,
+                          optimizer=functools.partial(torch.optim.Adam, lr=1e-4, weight_decay=0.01))
+    task.trainer = None
+    optimizer = task.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    head = {id(p) for p in [*task.heads.parameters(), *task.backbone.head_norm.parameters()]}
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= head or not ids & head
+        assert group["lr"] == pytest.approx(1e-3 if ids <= head else 1e-4)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(task.parameters()))
+    assert {g["weight_decay"] for g in optimizer.param_groups if {id(p) for p in g["params"]} <= head} == {0.01, 0.0}

@@ -132,9 +132,9 @@ class KaldiFbank(nn.Module):
         return fbank.transpose(1, 2).unsqueeze(1)  # B x 1 x F x T: patches in (frequency, time) order
 
 
-def mask_along(x: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:
-    """SpecAugment's mask: per example a band of width U[0, max_width) at a uniform start is set to 0 (the
-    normalised mean). torchaudio's FrequencyMasking/TimeMasking(iid_masks=True) compute the same but build the
+def mask_along(x: torch.Tensor, max_width: int, dim: int, value: float = 0.0) -> torch.Tensor:
+    """SpecAugment's mask: per example a band of width U[0, max_width) at a uniform start is set to `value` (0:
+    the normalised mean; CAV-MAE masks before normalising, see CAVMAE.audio_input). torchaudio's FrequencyMasking/TimeMasking(iid_masks=True) compute the same but build the
     band with a float arange that torch_xla rejects, so the TPU path needs this integer version."""
     if max_width <= 0:
         return x
@@ -145,7 +145,7 @@ def mask_along(x: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:
     band = (pos >= start[:, None]) & (pos < (start + width)[:, None])  # B x size
     shape = [B] + [1] * (x.ndim - 1)
     shape[dim] = size
-    return x.masked_fill(band.view(shape), 0.0)
+    return x.masked_fill(band.view(shape), value)
 
 
 def zero_absent(x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:

@@ -21,6 +21,13 @@ COMBINE = ("probs", "logits")  # how the heads' outputs become the clip's predic
 #          its value is exactly the zero-filled one, at a fraction of the cost (A-only: 128 of 1702 tokens
 #          at ViT-B shapes). Elsewhere (input_level, bottleneck, backbones without the fast path): zeros.
 UNIMODAL_EVAL = ("auto", "zeros")
+# Label-smoothed targets (eps = label_smoothing, C classes):
+#   standard: multi-label y (1 - eps) + eps / 2 (each class a binary problem); single-label
+#             one_hot (1 - eps) + eps / C (torch's label_smoothing);
+#   cav_mae:  the official CAV-MAE / AST data loader, both kinds: a label's class 1 - eps, every other eps / C
+#             (0.9 / 0.1 / 527 on AudioSet). Under its mixup the official loader adds eps / C to the labelled
+#             classes too (at most eps / C apart from mixing these targets, as this task does).
+SMOOTHING = ("standard", "cav_mae")
 
 
 class SupervisedTask(BaseTask):
@@ -35,7 +42,7 @@ class SupervisedTask(BaseTask):
                  scheduler: Callable | None = None, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
                  modality_mixup: bool = False, eval_inputs: Sequence[str] = EVAL_INPUTS, shared_head: bool = False,
                  combine: str = "probs", unimodal_eval: str = "auto", zero_input: str = "normalised",
-                 config: dict | None = None):
+                 smoothing: str = "standard", head_lr_scale: float = 1.0, config: dict | None = None):
         super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, config=config, dataset=dataset)
         if not set(eval_inputs) <= set(EVAL_INPUTS):
             raise ValueError(f"eval_inputs must be a subset of {EVAL_INPUTS}, got {list(eval_inputs)}")
@@ -43,7 +50,10 @@ class SupervisedTask(BaseTask):
             raise ValueError(f"unimodal_eval must be one of {UNIMODAL_EVAL}, got {unimodal_eval!r}")
         if zero_input not in ZERO_INPUTS:
             raise ValueError(f"zero_input must be one of {ZERO_INPUTS}, got {zero_input!r}")
+        if smoothing not in SMOOTHING:
+            raise ValueError(f"smoothing must be one of {SMOOTHING}, got {smoothing!r}")
         self.unimodal_eval, self.zero_input = unimodal_eval, zero_input
+        self.smoothing, self.head_lr_scale = smoothing, head_lr_scale
         dataset = self.dataset
         self.label_smoothing, self.mixup_alpha, self.modality_mixup = label_smoothing, mixup_alpha, modality_mixup
         self.eval_inputs = tuple(eval_inputs)
@@ -65,6 +75,9 @@ class SupervisedTask(BaseTask):
     # -- targets and losses ------------------------------------------------------------------------------
     def soft_targets(self, label: torch.Tensor) -> torch.Tensor:
         C, eps = self.dataset.num_classes, self.label_smoothing
+        if self.smoothing == "cav_mae":
+            y = label.float() if self.dataset.multi_label else F.one_hot(label.long(), C).float()
+            return y * (1 - eps) + (1 - y) * (eps / C)
         if self.dataset.multi_label:
             return label.float() * (1 - eps) + eps / 2
         return F.one_hot(label.long(), C).float() * (1 - eps) + eps / C
@@ -111,6 +124,24 @@ class SupervisedTask(BaseTask):
             weight = learns_from(name, has_audio, has_video).float()
             losses[name] = (per_sample * weight).sum() / weight.sum().clamp(min=1)
         return losses
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The base groups; with head_lr_scale != 1 the newly initialised heads (the task's heads and what the
+        backbone's `head_parameter_names` lists) form their own groups at lr x head_lr_scale (the official CAV-MAE
+        fine-tuning: 10x on VGGSound, 50x on AudioSet)."""
+        groups = super().param_groups(weight_decay)
+        if self.head_lr_scale == 1:
+            return groups
+        new = {f"backbone.{n}" for n in getattr(self.backbone, "head_parameter_names", set)()}
+        new |= {f"heads.{n}" for n, _ in self.heads.named_parameters()}
+        head_ids = {id(p) for n, p in self.named_parameters() if n in new}
+        split = []
+        for group in groups:
+            base = [p for p in group["params"] if id(p) not in head_ids]
+            head = [p for p in group["params"] if id(p) in head_ids]
+            split += [{**group, "params": ps, **({"lr_scale": self.head_lr_scale} if ps is head else {})}
+                      for ps in (base, head) if ps]
+        return split
 
     # -- steps -------------------------------------------------------------------------------------------
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
