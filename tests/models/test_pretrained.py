@@ -55,3 +55,36 @@ def test_load_state_needs_a_local_file(tmp_path):
     torch.save({"a": 1}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="not a state dict"):
         load_state(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("factory", ["zorro_vit_tiny", "zorro_hip_tiny", "mbt_tiny"])
+@pytest.mark.parametrize("seconds", [2.56, 0.64])
+def test_init_from_another_audio_length_resamples_the_audio_positions_along_time(factory, seconds, tmp_path):
+    """Fine-tuning from a checkpoint of another audio length (S2's 5.12 s -> AS-500k's 8 s or K400's 2.56 s):
+    `init_from` resamples the audio position table along time by value, the function the model applies to a
+    longer input, instead of keeping its initialisation."""
+    from zorro import models
+    from zorro.models.layers import resample_pos_embed
+    from zorro.run import init_backbone
+
+    torch.manual_seed(0)
+    source = getattr(models, factory)()  # 1.28 s
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "pre.ckpt")
+    target = getattr(models, factory)(audio_seconds=seconds)
+    report = init_backbone(target, str(tmp_path / "pre.ckpt"))
+    (key, (grid, axis)), = [(k, t) for k, t in target.position_tables().items() if k.startswith("audio")]
+    old_grid = list(grid)
+    old_grid[axis] = source.position_tables()[key][0][axis]
+    table = target.state_dict()[key]
+    assert old_grid != list(grid) and not report.mismatched and key not in report.missing
+    assert any(k == key for k, *_ in report.resized)
+    torch.testing.assert_close(table, resample_pos_embed(source.state_dict()[key], old_grid, grid))
+    video = [k for k in target.position_tables() if k.startswith("video")][0]
+    torch.testing.assert_close(target.state_dict()[video], source.state_dict()[video])  # same frames: copied
+    if factory == "zorro_vit_tiny":  # the fine-tuned model starts where the pre-trained one is on this length
+        from .helpers import inputs
+
+        audio, _ = inputs()
+        audio = audio.repeat(1, 2)[:, : round(seconds * 16_000)] if seconds > 1.28 else audio[:, : round(seconds * 16_000)]
+        with torch.no_grad():
+            torch.testing.assert_close(target.eval().embed_audio(audio, None, 2), source.eval().embed_audio(audio, None, 2))

@@ -129,6 +129,9 @@ class MBT(AVBackbone):
     def add_positions(self, modality: str, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         return getattr(self, modality).tokens(tokens, grid)
 
+    def position_tables(self) -> dict[str, tuple[tuple[int, ...], int]]:
+        return {"audio.pos_embed": (self.audio.grid, 1), "video.pos_embed": (self.video.grid, 0)}
+
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
                 has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         batch = self.batch_size(audio, video)
