@@ -21,11 +21,14 @@ Unlike Zorro's unimodal outputs, MBT's CLS outputs after L_f carry the other mod
 What follows scenic (google-research/scenic, projects/mbt, the code the paper's numbers come from) and what
 follows the paper where the two differ (benchmarks/equivalence/mbt.py compares this model with scenic's):
 - GELU: tanh-approximated, as flax's `nn.gelu` in scenic's blocks (and the JAX ViT the in21k weights come from).
+- One final LayerNorm for both streams (scenic's `encoder_norm` runs on the concatenated tokens).
 - ImageNet loading (`load_pretrained`) computes scenic's `initialise_from_train_state` function: the ViT's CLS
   position, which scenic keeps in the table and adds to the CLS token, is added to our CLS token (our tables hold
-  patches only: the same sum); position grids are resized as scenic's `scipy.ndimage.zoom(order=1)` (bilinear,
-  corners aligned), not timm's bicubic; scenic's spectrogram is a (time x mel) image, so the ViT's rows and the
-  position grid's rows go to time (our (mel x time) layout takes the transposed kernel and grid).
+  patches only: the same sum). scenic restores the ViT's CLS token into the video stream only (it looks for
+  `cls_spectrogram`, the parameter is `clsspectrogram`), so the audio CLS token starts as the CLS position alone,
+  here too. Position grids are resized as scenic's `scipy.ndimage.zoom(order=1)` (bilinear, corners aligned), not
+  timm's bicubic; scenic's spectrogram is a (time x mel) image, so the ViT's rows and the position grid's rows go
+  to time (our (mel x time) layout takes the transposed kernel and grid).
 - Bottleneck: B = 4 tokens drawn from N(0, 0.02), as the paper says. scenic adds one token when the classifier
   is a CLS token (n_bottlenecks + 1) and, when loading ImageNet weights, overwrites them with the ViT's resized
   position embeddings; we follow the paper's B and initialisation (the loaded weights leave them as drawn).
@@ -49,7 +52,8 @@ from .pretrained import LoadReport, load_into, load_state, vit_into_streams
 
 
 class _ViTStream(nn.Module):
-    """One modality's ViT: patch embedding, CLS token, learned positions, blocks, final norm (timm names)."""
+    """One modality's ViT: patch embedding, CLS token, learned positions, blocks (timm names); the final norm is
+    MBT's, shared by both streams."""
 
     def __init__(self, *, in_chans: int, grid: tuple[int, ...], dim: int, depth: int, num_heads: int,
                  mlp_ratio: float, patch_size: int, qkv_bias: bool, drop_path: list[float], act_layer: type):
@@ -60,7 +64,6 @@ class _ViTStream(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(grid), dim))  # patches only; CLS needs none
         self.blocks = nn.ModuleList(Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                                           drop_path=drop_path[i], act_layer=act_layer) for i in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def tokens(self, patches: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         x = patches + resample_pos_embed(self.pos_embed, self.grid, grid)
@@ -114,6 +117,7 @@ class MBT(AVBackbone):
         self.audio = _ViTStream(in_chans=1, grid=audio_grid, **common)
         self.video = _ViTStream(in_chans=3, grid=video_grid, **common)
         self.bottleneck = nn.Parameter(torch.zeros(1, num_bottleneck, dim)) if num_bottleneck else None
+        self.norm = nn.LayerNorm(dim, eps=1e-6)  # scenic's encoder_norm: one LayerNorm over both streams' tokens
         self.init_vit_weights()
         for p in (self.audio.pos_embed, self.video.pos_embed, self.audio.cls_token, self.video.cls_token,
                   self.bottleneck):
@@ -149,7 +153,7 @@ class MBT(AVBackbone):
             yv = self.checkpointed(block_v, torch.cat([v, z], dim=1))
             a, v = ya[:, :n_a], yv[:, :n_v]
             z = (ya[:, n_a:] + yv[:, n_v:]) / 2  # MBT eq. 9: each stream's update of z, averaged
-        return {"audio": self.audio.norm(a)[:, 0], "video": self.video.norm(v)[:, 0]}
+        return {"audio": self.norm(a[:, 0]), "video": self.norm(v[:, 0])}
 
     def no_weight_decay(self) -> set[str]:
         return {"audio.pos_embed", "video.pos_embed", "audio.cls_token", "video.cls_token", "bottleneck"}
@@ -163,7 +167,11 @@ class MBT(AVBackbone):
         state = dict(load_state(path))
         state, resized = vit_as_scenic_mbt(state, audio_grid=self.audio.grid, video_grid=self.video.grid)
         shared = vit_into_streams(("audio", "video"))  # what both streams take as it is
-        report = load_into(self, state, rename=lambda k: k if k.startswith(("audio.", "video.")) else shared(k))
+
+        def rename(key: str):
+            return key if key.startswith(("audio.", "video.", "norm.")) else shared(key)
+
+        report = load_into(self, state, rename=rename)
         report.resized += [r for r in resized if r[0] in report.loaded]
         return report
 
@@ -178,9 +186,12 @@ def vit_as_scenic_mbt(state: dict[str, torch.Tensor], *, audio_grid: tuple[int, 
         side = math.isqrt(pos.shape[1])
         extra = pos.shape[1] - side * side  # the CLS position (and any register tokens) in front of the grid
         if extra:
-            out["cls_token"] = cls + pos[:, :1]
-            resized.append(("audio.cls_token", tuple(cls.shape), tuple(cls.shape), "+ the ViT's CLS position"))
+            out.pop("cls_token")
+            out["video.cls_token"] = cls + pos[:, :1]
+            out["audio.cls_token"] = pos[:, :1].clone()
             resized.append(("video.cls_token", tuple(cls.shape), tuple(cls.shape), "+ the ViT's CLS position"))
+            resized.append(("audio.cls_token", tuple(cls.shape), tuple(cls.shape),
+                            "the ViT's CLS position alone (scenic's spectrogram CLS keeps its zero init)"))
         grid = pos[0, extra:].reshape(side, side, -1)
         freq, time = audio_grid
         audio = _zoom_linear(grid, (time, freq)).transpose(0, 1)  # scenic's (time x mel) grid, in our (mel x time)
