@@ -161,7 +161,8 @@ def test_zorro_recipes_scale_the_specaugment_time_mask_with_their_audio_length(t
         if not cfg.model._target_.startswith("zorro.models.zorro") and "ZorroViT" not in cfg.model._target_:
             continue
         m = cfg.model
-        assert (m.freq_mask, m.time_mask) == (round(24 * m.n_mels / 128), round(96 * m.audio_seconds / 10.24)), path.stem
+        rule = (round(24 * m.n_mels / 128), round(96 * m.audio_seconds / 10.24))
+        assert (m.freq_mask, m.time_mask) == rule, path.stem
         checked += 1
     assert checked >= 15
 

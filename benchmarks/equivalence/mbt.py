@@ -58,13 +58,15 @@ def vit_as_scenic_tree(state: dict[str, torch.Tensor], heads: int) -> dict[str, 
     out = {"embedding/kernel": a(state["patch_embed.proj.weight"].permute(2, 3, 1, 0)),
            "embedding/bias": a(state["patch_embed.proj.bias"]), "cls": a(state["cls_token"]),
            "Transformer/posembed_input/pos_embedding": a(state["pos_embed"]),
-           "Transformer/encoder_norm/scale": a(state["norm.weight"]), "Transformer/encoder_norm/bias": a(state["norm.bias"])}
+           "Transformer/encoder_norm/scale": a(state["norm.weight"]),
+           "Transformer/encoder_norm/bias": a(state["norm.bias"])}
     i = 0
     while f"blocks.{i}.norm1.weight" in state:
         b, s = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
         qkv_w, qkv_b = state[b + "attn.qkv.weight"], state[b + "attn.qkv.bias"]
         for j, name in enumerate(("query", "key", "value")):
-            out[f"{s}MultiHeadDotProductAttention_0/{name}/kernel"] = a(qkv_w[j * d:(j + 1) * d].T.reshape(d, heads, hd))
+            kernel = qkv_w[j * d:(j + 1) * d].T.reshape(d, heads, hd)
+            out[f"{s}MultiHeadDotProductAttention_0/{name}/kernel"] = a(kernel)
             out[f"{s}MultiHeadDotProductAttention_0/{name}/bias"] = a(qkv_b[j * d:(j + 1) * d].reshape(heads, hd))
         out[f"{s}MultiHeadDotProductAttention_0/out/kernel"] = a(state[b + "attn.proj.weight"].T.reshape(heads, hd, d))
         out[f"{s}MultiHeadDotProductAttention_0/out/bias"] = a(state[b + "attn.proj.bias"])
@@ -153,7 +155,8 @@ def main(scenic_dir: str, python: str | None = None) -> list[tuple[str, str, flo
     rows.append(("mbt", "CLS audio (final norm)", diff(outputs["audio"].double().numpy(), ref["cls/audio"])))
     rows.append(("mbt", "CLS video (final norm)", diff(outputs["video"].double().numpy(), ref["cls/video"])))
     rows.append(("mbt", "logits (CLS logits averaged)", diff(logits.double().numpy(), ref["logits"])))
-    rows.append(("mbt", "training loss (sum over classes, CLS losses averaged)", diff(loss.double().numpy(), ref["loss"])))
+    rows.append(("mbt", "training loss (sum over classes, CLS losses averaged)",
+                 diff(loss.double().numpy(), ref["loss"])))
     rows.append(("mbt", "scenic bottleneck init vs ours (not compared: the paper's)",
                  diff(model.bottleneck.detach().double().numpy(), ref["scenic_bottleneck_init"])))
     return rows

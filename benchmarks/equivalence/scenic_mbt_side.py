@@ -131,7 +131,8 @@ def main() -> None:
 
     # The training loss of the recipe: train-mode logits per CLS token, scenic's loss_function (sigmoid CE summed
     # over classes, averaged over the batch, the tokens' losses averaged); no mixup, so both take the labels.
-    train_logits = flax_model.apply({"params": params}, dict(inputs), train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    train_logits = flax_model.apply({"params": params}, dict(inputs), train=True,
+                                    rngs={"dropout": jax.random.PRNGKey(1)})
     label = jnp.asarray(data["label"], dtype)
     out["loss"] = np.asarray(model.loss_function(train_logits, {"label": {"spectrogram": label, "rgb": label}}))
     np.savez(args.outputs, **out)

@@ -16,7 +16,9 @@ PAPER = {("zorro_vit", False): 98e6, ("zorro_vit", True): 267e6, ("zorro_swin", 
 
 @pytest.mark.parametrize("model,separate", list(PAPER))
 def test_full_size_configs_have_the_papers_parameter_count(model, separate, tmp_path, monkeypatch):
-    overrides = [f"model={model}"] + ([f"model.separate_weights={str(separate).lower()}"] if separate is not None else [])
+    overrides = [f"model={model}"]
+    if separate is not None:
+        overrides.append(f"model.separate_weights={str(separate).lower()}")
     cfg = compose_cfg(overrides=overrides, output_dir=tmp_path)
     audio_frontend = frontends.AudioFrontend
 
