@@ -83,3 +83,35 @@ def test_init_from_a_train_checkpoint_loads_the_backbone_and_names_the_rest(tmp_
     report = init_backbone(cav_mae_tiny(), str(tmp_path / "run.ckpt"))
     assert not report.missing and report.unexpected == ["heads.global.weight"]
     assert "heads" in report.reasons["heads.global.weight"]
+@pytest.mark.parametrize("factory,seconds", [("zorro_vit_tiny", 2.56), ("zorro_vit_tiny", 0.64), ("zorro_hip_tiny", 2.56),
+                                             ("mbt_tiny", 0.64)])  # longer and shorter than the checkpoint's 1.28 s
+def test_init_from_another_audio_length_resamples_the_audio_positions_along_time(factory, seconds, tmp_path):
+    """Fine-tuning from a checkpoint of another audio length (S2's 5.12 s -> AS-500k's 8 s or K400's 2.56 s):
+    `init_from` resamples the audio position table along time by value, the function the model applies to a
+    longer input, instead of keeping its initialisation."""
+    from zorro import models
+    from zorro.models.layers import resample_pos_embed
+    from zorro.run import init_backbone
+
+    torch.manual_seed(0)
+    source = getattr(models, factory)()  # 1.28 s
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "pre.ckpt")
+    target = getattr(models, factory)(audio_seconds=seconds)
+    report = init_backbone(target, str(tmp_path / "pre.ckpt"))
+    (key, (grid, axis)), = [(k, t) for k, t in target.position_tables().items() if k.startswith("audio")]
+    old_grid = list(grid)
+    old_grid[axis] = source.position_tables()[key][0][axis]
+    table = target.state_dict()[key]
+    assert old_grid != list(grid) and not report.mismatched and key not in report.missing
+    assert any(k == key for k, *_ in report.resized)
+    torch.testing.assert_close(table, resample_pos_embed(source.state_dict()[key], old_grid, grid))
+    video = [k for k in target.position_tables() if k.startswith("video")][0]
+    torch.testing.assert_close(target.state_dict()[video], source.state_dict()[video])  # same frames: copied
+    if factory == "zorro_vit_tiny":  # the fine-tuned model starts where the pre-trained one is on this length
+        from .helpers import inputs
+
+        audio, _ = inputs()
+        audio = audio.repeat(1, 2)[:, : round(seconds * 16_000)]  # the target's length
+        with torch.no_grad():
+            ours, pretrained = target.eval().embed_audio(audio, None, 2), source.eval().embed_audio(audio, None, 2)
+        torch.testing.assert_close(ours, pretrained)

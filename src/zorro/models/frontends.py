@@ -31,7 +31,7 @@ class AudioFrontend(nn.Module):
     """Waveform (B x S, int16 or float) -> normalised log-mel (B x 1 x n_mels x frames).
 
     Paper (appendix B): 48 kHz, 128 mel bins, Hann window. Window/hop lengths are lost in our copies;
-    25 ms / 10 ms as in MBT and AST (choice), so 2.56 s -> 256 frames -> 16 x 8 patches of 16 x 16.
+    the model configs give 25 ms / 10 ms as in MBT and AST (choice), so 2.56 s -> 256 frames -> 16 x 8 patches.
     In training mode it also applies SpecAugment and frequency jitter (appendix B), which act on the
     model input like dropout does on activations.
     """
@@ -52,8 +52,9 @@ class AudioFrontend(nn.Module):
                                                              window_fn=WINDOWS[window], power=None)
         self.mel_scale = torchaudio.transforms.MelScale(n_mels=n_mels, sample_rate=sample_rate, n_stft=n_fft // 2 + 1)
         self.sample_rate, self.n_mels, self.mean, self.std = sample_rate, n_mels, mean, std
-        # SpecAugment mask sizes (choice): AST's 48 of 128 mel bins and 192 of 1024 frames, halved because we
-        # apply two masks of each kind; scaled to other input sizes.
+        # SpecAugment mask sizes: the model configs set them (conf/model/*.yaml, with their sources); None keeps
+        # the rule they follow for Zorro: AST's 48 of 128 mel bins and 192 of 1024 frames, halved for two masks of
+        # each kind, scaled to the input.
         freq_mask = round(24 * n_mels / 128) if freq_mask is None else freq_mask
         time_mask = round(96 * clip_seconds / 10.24) if time_mask is None else time_mask
         self.spec_augment = spec_augment

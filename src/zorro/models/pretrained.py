@@ -9,6 +9,9 @@ pretrained=True)` once, then `torch.save(model.state_dict(), path)`, or an offic
   grid, or the frames' grid repeated over time for video); class-token entries are dropped;
 - patch embeddings: an RGB kernel becomes the 1-channel spectrogram kernel by summing over colour (the
   AST recipe), and kernels are resized when the patch size differs (timm's `resample_patch_embed`);
+- a learned position table of another length along time (a checkpoint trained on other audio lengths: `init_from`
+  from 5.12 s to 8 s or 2.56 s): resampled along the time axis by value (`resample_pos_embed`, the resampling the
+  model applies to a longer input), for the tables the backbone names in `position_tables()`;
 - relative-position-bias tables: resized bicubically (timm's `resize_rel_pos_bias_table_simple`, in
   `resize_bias_table`, the one place); Zorro-Swin's streams (`swin_into_streams`: a timm 2D Swin into the
   audio stream and, inflated as Video Swin does, the video stream) crop them for windows clamped to a grid.
@@ -101,6 +104,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
         tokens) are dropped.
     """
     target = module.state_dict()
+    time_tables = module.position_tables() if hasattr(module, "position_tables") else {}
     report, seen = LoadReport(), set()
     updates: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}  # model key -> the checkpoint key that wrote it
@@ -123,7 +127,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
                                  "a converter must write each model tensor once")
             source[key] = src_key
             want = target[key]
-            adapted, how = _adapt(key, value, want, channels_to_one, (pos_grids or {}).get(key))
+            adapted, how = _adapt(key, value, want, channels_to_one, (pos_grids or {}).get(key), time_tables.get(key))
             if adapted is None:
                 report.mismatched.append((key, tuple(value.shape), tuple(want.shape)))
                 continue
@@ -138,7 +142,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
     return report
 
 
-def _adapt(key, value, want, channels_to_one, grid):
+def _adapt(key, value, want, channels_to_one, grid, time_table=None):
     if value.shape == want.shape:
         return value, ""
     how = []
@@ -169,7 +173,24 @@ def _adapt(key, value, want, channels_to_one, grid):
             spatial = spatial.reshape(1, 1, -1, value.shape[-1]).expand(1, grid[0], -1, -1).reshape(1, -1, value.shape[-1])
         if spatial.shape == want.shape:
             return spatial, f"position grid {side}x{side} -> {'x'.join(map(str, grid))}"
+    if grid is None and time_table is not None and value.ndim == want.ndim == 3 and value.shape[-1] == want.shape[-1]:
+        resampled = _resample_time(value, *time_table)
+        if resampled is not None:
+            return resampled
     return None, ""
+
+
+def _resample_time(value: torch.Tensor, grid: Sequence[int], axis: int):
+    """A 1 x N x D table of the grid `grid` with another length along `axis` (time) -> (the table resampled to
+    `grid`, how), or None when N is not a whole number of time steps."""
+    grid = tuple(grid)
+    per_step = math.prod(grid) // grid[axis]
+    if value.shape[1] % per_step:
+        return None
+    old = list(grid)
+    old[axis] = value.shape[1] // per_step
+    return (resample_pos_embed(value, old, grid),
+            f"positions resampled along time, {old[axis]} -> {grid[axis]} steps (grid {'x'.join(map(str, grid))})")
 
 
 def _is_buffer_only(module: nn.Module, key: str) -> bool:

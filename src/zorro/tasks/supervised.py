@@ -14,6 +14,15 @@ from .base import EVAL_INPUTS, ZERO_INPUTS, BaseTask, float_audio, model_inputs,
 from .metrics import ClipPredictions, classification_scores
 
 COMBINE = ("probs", "logits")  # how the heads' outputs become the clip's prediction "avg"
+# The multi-label loss of one head for one sample: sigmoid cross-entropy
+#   mean:        averaged over the classes (torch's BCEWithLogits default);
+#   sum_classes: summed over the classes, as scenic's weighted_sigmoid_cross_entropy (MBT's "base learning rate
+#                0.5 ... using the Scenic library" is the LR of this loss: its gradient is C times the mean's).
+# Either way the batch is averaged; softmax cross-entropy (single-label) is a sum over classes in both.
+LOSS_REDUCTIONS = ("mean", "sum_classes")
+# How a clip's views (eval_windows x eval_crops) are averaged: their probabilities, or their logits (MBT:
+# "average the logits over each view"), the probabilities then taken of the average.
+VIEW_AVERAGES = ("probs", "logits")
 # How the A-only / V-only settings are evaluated:
 #   zeros: every head on the input with the other modality zeroed (the paper's protocol);
 #   auto:  where the backbone's own head of the present modality never reads the other one (zorro,
@@ -42,7 +51,8 @@ class SupervisedTask(BaseTask):
                  scheduler: Callable | None = None, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
                  modality_mixup: bool = False, eval_inputs: Sequence[str] = EVAL_INPUTS, shared_head: bool = False,
                  combine: str = "probs", unimodal_eval: str = "auto", zero_input: str = "normalised",
-                 smoothing: str = "standard", head_lr_scale: float = 1.0, config: dict | None = None):
+                 smoothing: str = "standard", head_lr_scale: float = 1.0, loss_reduction: str = "mean",
+                 view_average: str = "probs", config: dict | None = None):
         super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, config=config, dataset=dataset)
         if not set(eval_inputs) <= set(EVAL_INPUTS):
             raise ValueError(f"eval_inputs must be a subset of {EVAL_INPUTS}, got {list(eval_inputs)}")
@@ -54,12 +64,18 @@ class SupervisedTask(BaseTask):
             raise ValueError(f"smoothing must be one of {SMOOTHING}, got {smoothing!r}")
         self.unimodal_eval, self.zero_input = unimodal_eval, zero_input
         self.smoothing, self.head_lr_scale = smoothing, head_lr_scale
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if view_average not in VIEW_AVERAGES:
+            raise ValueError(f"view_average must be one of {VIEW_AVERAGES}, got {view_average!r}")
+        self.loss_reduction, self.view_average = loss_reduction, view_average
         dataset = self.dataset
         self.label_smoothing, self.mixup_alpha, self.modality_mixup = label_smoothing, mixup_alpha, modality_mixup
         self.eval_inputs = tuple(eval_inputs)
         self.output_names = tuple(backbone.output_names)
         # Zorro: one head per output, probabilities averaged. MBT: one linear layer shared by both CLS tokens
-        # (shared_head) and the pre-softmax logits averaged (combine=logits), which is then also what the loss sees.
+        # (shared_head) and the pre-softmax logits averaged for the prediction (combine=logits); training, as
+        # scenic's MBT, averages the losses of the CLS tokens (every output's own loss, as Zorro's heads).
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
         self.shared_head, self.combine = shared_head, combine
@@ -83,17 +99,26 @@ class SupervisedTask(BaseTask):
         return F.one_hot(label.long(), C).float() * (1 - eps) + eps / C
 
     def head_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss (B,)."""
+        """Per-sample loss (B,), reduced over the classes as `loss_reduction` says."""
         if self.dataset.multi_label:
-            return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean(-1)
+            bce = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+            return bce.sum(-1) if self.loss_reduction == "sum_classes" else bce.mean(-1)
         return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().sigmoid() if self.dataset.multi_label else logits.float().softmax(-1)
 
+    def logits_of(self, probs: torch.Tensor) -> torch.Tensor:
+        """The inverse of `probabilities` (logit, or log for softmax: softmax(log p) = p), for a prediction that is
+        an average of probabilities (combine=probs) when the views average logits."""
+        p = probs.float().clamp(1e-7, 1 - 1e-7)
+        return p.log() - (-p).log1p() if self.dataset.multi_label else p.log()
+
     def mixup(self, batch: dict, target: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """Mix each sample with a permuted partner. modality_mixup (MBT, 42.6 -> 43.9 mAP): each modality
-        draws its own lambda; the target then mixes with their mean (choice: MBT does not say)."""
+        draws its own lambda; as scenic's `mixup_modalities`, the output named after a modality (MBT's CLS tokens)
+        learns from the target mixed with that modality's lambda (kept in the batch as "mixup_targets"); the
+        returned target, for the other outputs, mixes with their mean (choice)."""
         beta = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha)
         lams = {k: float(beta.sample()) for k in ("audio", "video")}
         if not self.modality_mixup:
@@ -108,19 +133,21 @@ class SupervisedTask(BaseTask):
         for key in ("has_audio", "has_video"):
             if key in batch:
                 mixed[key] = batch[key] | batch[key][perm]
+        if self.modality_mixup:
+            mixed["mixup_targets"] = {k: lam * target + (1 - lam) * target[perm] for k, lam in lams.items()}
         lam = sum(lams.values()) / 2
         return mixed, lam * target + (1 - lam) * target[perm]
 
     def losses(self, outputs: dict, target: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        if self.combine == "logits":  # MBT: one loss on the averaged logits
-            logits = torch.stack([self.heads[n](outputs[n]) for n in self.output_names if n in outputs]).mean(0)
-            return {"avg": self.head_loss(logits, target).mean()}
+        """Every output's loss over the samples it learns from; the training loss is their mean (MBT: the mean of
+        the CLS tokens' losses, as scenic's MBT loss_function)."""
         has_audio, has_video = modality_flags(batch)
+        targets = batch.get("mixup_targets") or {}
         losses = {}
         for name in self.output_names:
             if name not in outputs:
                 continue
-            per_sample = self.head_loss(self.heads[name](outputs[name]), target)
+            per_sample = self.head_loss(self.heads[name](outputs[name]), targets.get(name, target))
             weight = learns_from(name, has_audio, has_video).float()
             losses[name] = (per_sample * weight).sum() / weight.sum().clamp(min=1)
         return losses
@@ -164,6 +191,22 @@ class SupervisedTask(BaseTask):
             probs["avg"] = torch.stack(list(probs.values())).mean(0)
         return probs
 
+    def predict_scores(self, batch: dict, inputs: str = "audio_video", outputs: dict | None = None) -> dict:
+        """What a clip's views average (`view_average`): `predict_probs`, or the same predictions as logits."""
+        if self.view_average == "probs":
+            return self.predict_probs(batch, inputs, outputs)
+        outputs = self(batch, inputs) if outputs is None else outputs
+        logits = {n: self.heads[n](outputs[n]).float() for n in self.output_names if n in outputs}
+        if self.combine == "logits":
+            logits["avg"] = torch.stack(list(logits.values())).mean(0)
+        else:
+            logits["avg"] = self.logits_of(torch.stack([self.probabilities(x) for x in logits.values()]).mean(0))
+        return logits
+
+    def view_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """One head's logits as the scores `predict_scores` gives."""
+        return logits.float() if self.view_average == "logits" else self.probabilities(logits)
+
     def dropped_stream(self, inputs: str) -> bool:
         """Whether the `inputs` setting runs the present stream alone (see UNIMODAL_EVAL)."""
         return (self.unimodal_eval == "auto" and inputs in ("audio", "video")
@@ -184,11 +227,11 @@ class SupervisedTask(BaseTask):
                 if present:                           # other ranks run the same metrics (their compute gathers)
                     kwargs["video" if inputs == "audio" else "audio"] = None
                 outputs = self.backbone(**kwargs, drop_absent=present)
-                p = self.probabilities(self.heads[inputs](outputs[inputs]))
+                p = self.view_scores(self.heads[inputs](outputs[inputs]))
                 clips[f"{inputs}-{inputs}"].update(p, label, keys)
                 continue
             outputs = self(batch, inputs, self.zero_input)
-            for name, p in self.predict_probs(batch, inputs, outputs).items():
+            for name, p in self.predict_scores(batch, inputs, outputs).items():
                 clips[f"{inputs}-{name}"].update(p, label, keys)
             if inputs == "audio_video":  # the loss of the real inputs, from the same forward pass
                 losses = self.losses(outputs, self.soft_targets(label), batch)
@@ -202,6 +245,8 @@ class SupervisedTask(BaseTask):
                 continue
             inputs, name = key.split("-")
             probs, labels = predictions.compute()  # gathered across processes, averaged per clip
+            if self.view_average == "logits":
+                probs = self.probabilities(probs)
             if name == "avg":
                 averaged[inputs] = (probs.cpu(), labels.reshape(probs.shape[0], *labels.shape[1:]).cpu())
             for metric, value in classification_scores(probs, labels, multi_label=self.dataset.multi_label).items():
