@@ -1,7 +1,6 @@
 """What a new user meets on the first day (issue 21): config errors that are one line and come at once, sweep job
 folders named by what the sweep varies, audio-only data, training loss in every epoch, the progress lines."""
 
-import csv
 import json
 import re
 import subprocess
@@ -158,25 +157,7 @@ def test_settings_that_need_an_absent_modality_are_not_scored(tmp_path):
     assert not [k for k in scores if "video" in k], scores
 
 
-# -- training loss in every epoch; progress lines with the epoch total and an ETA -------------------------------------
-def test_every_epoch_logs_the_training_loss_and_progress_lines_count_epochs(tmp_path, capfd):
-    """log_every_n_steps=10 against 4-step epochs: metrics.csv had no train/loss at all. The run lowers it to the
-    epoch's length. The progress lines say which epoch of how many and when the fit will end."""
-    from zorro.run import train
-
-    train(compose_cfg(overrides=["debug=tiny", "logger=csv", "trainer.max_epochs=3", "trainer.log_every_n_steps=10",
-                                 "data.num_train=64", "data.batch_size=16", "test=false", "progress_every_n_steps=2"],
-                      output_dir=tmp_path))
-    rows = list(csv.DictReader(open(next(tmp_path.glob("csv/*/metrics.csv")))))
-    epochs = {int(r["epoch"]) for r in rows if r.get("train/loss")}
-    assert epochs == {0, 1, 2}, rows
-    err = capfd.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
-    assert re.fullmatch(r"epoch 1/3  step 2/4  train/loss \d+\.\d{3}  \d+\.\d it/s  eta \d+:\d\d", lines[0]), lines
-    assert lines[1].startswith("epoch 1/3  step 4/4  ") and lines[2].startswith("epoch 1/3  validation done  ")
-    assert re.search(r"epoch 3/3  step 4/4  .* eta 0:00$", err, re.M)
-
-
+# -- evaluation totals (the progress lines' epochs and ETA, and train/loss in every epoch: test_train.py) ------------
 def test_an_evaluation_stream_gets_its_total(tmp_path):
     """The shard streams have no __len__, so evaluation showed `1/?`: where every clip is one view, the total is
     known from the manifest, per rank and worker as the stream splits them."""

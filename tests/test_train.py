@@ -62,16 +62,22 @@ def test_fast_dev_run_every_backbone_and_task(model, task, tmp_path, monkeypatch
 
 
 def test_progress_outside_a_terminal_is_one_line_per_n_steps(tmp_path, capfd, monkeypatch):
-    """Under pytest stderr is not a TTY, so progress=auto prints lines: 4 training batches, every 2 -> 2 lines,
-    a line at the end of validation and of the test, and no carriage-return bar updates."""
-    train(_tiny(tmp_path, "trainer.max_epochs=1", "progress_every_n_steps=2"))
+    """Under pytest stderr is not a TTY, so progress=auto prints lines: 4 training batches, every 2 -> 2 lines per
+    epoch, which say the epoch of how many and the fit's ETA, a line at the end of each validation and of the
+    test, and no carriage-return bar updates. log_every_n_steps=10 against these 4-step epochs logged no
+    train/loss at all: every epoch logs it now."""
+    train(_tiny(tmp_path, "trainer.max_epochs=2", "progress_every_n_steps=2", "logger=csv",
+                "trainer.log_every_n_steps=10"))
     out, err = capfd.readouterr()
-    lines = [line for line in (out + err).splitlines() if re.match(r"(epoch \d+  |test done)", line)]
-    assert "\r" not in out + err and len(lines) == 4, lines
-    assert re.fullmatch(r"epoch 1/1  step 2/4  train/loss \d+\.\d{3}  \d+\.\d it/s  eta \d+:\d\d", lines[0])
-    assert lines[1].startswith("epoch 1/1  step 4/4  train/loss ") and lines[1].endswith("  eta 0:00")
-    assert re.fullmatch(r"epoch 1/1  validation done  val/loss \S+  val/num_clips 32  val/score \S+", lines[2])
-    assert lines[3].startswith("test done  test/loss ")
+    lines = [line for line in (out + err).splitlines() if re.match(r"(epoch \d+/\d+  |test done)", line)]
+    assert "\r" not in out + err and len(lines) == 7, lines
+    assert re.fullmatch(r"epoch 1/2  step 2/4  train/loss \d+\.\d{3}  \d+\.\d it/s  eta \d+:\d\d", lines[0])
+    assert lines[1].startswith("epoch 1/2  step 4/4  train/loss ")
+    assert re.fullmatch(r"epoch 1/2  validation done  val/loss \S+  val/num_clips 32  val/score \S+", lines[2])
+    assert lines[4].startswith("epoch 2/2  step 4/4  train/loss ") and lines[4].endswith("  eta 0:00")
+    assert lines[6].startswith("test done  test/loss ")
+    rows = list(csv.DictReader(open(next(tmp_path.glob("csv/*/metrics.csv")))))
+    assert {int(r["epoch"]) for r in rows if r.get("train/loss")} == {0, 1}, rows
     from zorro.callbacks import LineProgressBar, TQDMBar, progress_bar
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
@@ -210,7 +216,7 @@ def check_wandb_runs_per_job(sweep, key):
         assert run.display_name == next(o for o in value if o.startswith(f"{key}="))
         groups.add(run.run_group)
         scores = [json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "history"
-                  for item in r.history.item if item.key == "val/score"]
+                  for item in r.history.item if (item.key or "/".join(item.nested_key)) == "val/score"]
         assert scores == [pytest.approx(json.loads((job / "metrics.json").read_text())["val/score"])], (job, scores)
     assert len(groups) == 1 and groups != {""}, groups
 
