@@ -9,9 +9,16 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
+# The registry's torch is the CUDA 13 build (~2.7 GB of wheels with its nvidia-* libraries, 5.2 GB installed, GPU
+# or not). TORCH_CPU=1: the same torch / torchaudio / torchvision versions as CPU wheels (~0.2 GB), from PyTorch's index.
+TORCH_CPU ?=
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PINS := $(shell sed -nE 's/^ *"(torch|torchaudio|torchvision)==([^"]+)",.*/\1==\2/p' pyproject.toml)
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_CPU),$(PY) -m pip install --index-url $(TORCH_CPU_INDEX) $(TORCH_PINS))
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 

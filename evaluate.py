@@ -1,11 +1,12 @@
 """Evaluate a checkpoint on the test split for A, V and A+V inputs: python evaluate.py ckpt_path=PATH."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from zorro.config import ConfigError
+from zorro.config import ConfigError, preflight
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -20,4 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    preflight(Path(__file__).parent / "conf", "evaluate")  # config errors in a second, before torch is imported
     main()

@@ -265,9 +265,12 @@ class SplitWriter:
             self.tmp = self.out / f"{self.split}{self.tag}-{self.index:06d}.tar.tmp"
             self.stream = open(self.tmp, "wb")
             self.tar = self._wds.TarWriter(self.stream, mtime=0)  # fixed mtime: same input -> byte-identical shards
-            self.rows, self.size = [], 0
+            self.rows, self.size, self.modalities = [], 0, {"audio": 0, "video": 0}
         self.tar.write(members)
         self.rows.append(row)
+        meta = json.loads(members["json"])
+        for m in self.modalities:  # per shard, for the manifest: which modalities the data has (docs/data_format.md)
+            self.modalities[m] += bool(meta.get(f"has_{m}"))
         self.size += sum(len(v) for k, v in members.items() if k != "__key__")
         full_size = self.size >= self.options.shard_size_mb * 2**20
         full_count = self.options.max_samples_per_shard and len(self.rows) >= self.options.max_samples_per_shard
@@ -281,9 +284,10 @@ class SplitWriter:
         self.stream.close()
         name = f"{self.split}{self.tag}-{self.index:06d}.tar"
         os.replace(self.tmp, self.out / name)
-        self.journal.append({"type": "shard", "split": self.split, "name": name, "rows": self.rows,
-                             "num_samples": len(self.rows)})
-        self.journal.shards.append({"split": self.split, "name": name, "rows": self.rows, "num_samples": len(self.rows)})
+        record = {"split": self.split, "name": name, "rows": self.rows, "num_samples": len(self.rows),
+                  "num_audio": self.modalities["audio"], "num_video": self.modalities["video"]}
+        self.journal.append({"type": "shard", **record})
+        self.journal.shards.append(record)
         self.index += 1
         self.tar = None
 
@@ -392,19 +396,25 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
 
 
 def make_manifest(shards: list[dict], classes: list[str], multi_label: bool, options: Options | dict) -> dict:
-    """manifest.json (docs/data_format.md) for shard records {split, name, num_samples}: shards sorted by name."""
+    """manifest.json (docs/data_format.md) for shard records {split, name, num_samples, num_audio, num_video}:
+    shards sorted by name; the samples with audio / video counted per shard, split and in all (`modalities`), where
+    every shard record has the counts (journals of older runs have none)."""
     opt = asdict(options) if isinstance(options, Options) else options
     splits: dict[str, dict] = {}
+    counted = all("num_audio" in shard and "num_video" in shard for shard in shards)
+    keys = ("num_samples", "num_audio", "num_video") if counted else ("num_samples",)
     for shard in shards:
-        s = splits.setdefault(shard["split"], {"num_samples": 0, "shards": []})
-        s["shards"].append({"name": shard["name"], "num_samples": shard["num_samples"]})
-        s["num_samples"] += shard["num_samples"]
+        s = splits.setdefault(shard["split"], {**{k: 0 for k in keys}, "shards": []})
+        s["shards"].append({"name": shard["name"], **{k: shard[k] for k in keys}})
+        for k in keys:
+            s[k] += shard[k]
     for s in splits.values():
         s["shards"].sort(key=lambda x: x["name"])
+    modalities = {m: sum(s[f"num_{m}"] for s in splits.values()) for m in ("audio", "video")} if counted else None
     return {"format_version": 1, "classes": classes, "multi_label": multi_label, "fps": opt["fps"],
             "sample_rate": opt["sample_rate"], "short_side": opt["short_side"],
             "audio_format": opt["audio_format"], "max_seconds": opt["max_seconds"],
-            "splits": dict(sorted(splits.items()))}
+            **({"modalities": modalities} if modalities is not None else {}), "splits": dict(sorted(splits.items()))}
 
 
 SKIPPED_HEADER = ["row", "path", "reason", "message"]

@@ -14,10 +14,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import ConfigError, check_config
+from . import known_warnings
+from .config import ConfigError, check_config, job_overrides
 from .models import count_parameters
 from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from .preemption import resolve_ckpt_path
@@ -25,6 +27,7 @@ from .eval.tables import metric_table, table3_line
 from .tasks.base import checkpoint_run, dataset_dict
 
 log = logging.getLogger("zorro")
+known_warnings.install()
 
 
 def _log_once() -> None:
@@ -35,15 +38,32 @@ def _log_once() -> None:
 
 
 def _fill_run_names(cfg: DictConfig) -> None:
-    """W&B run name from the command-line overrides, group from the sweep directory under -m."""
+    """W&B run name and group. Under -m: each job is named by its swept overrides (`masking=zorro`; the rest are in
+    its .hydra/overrides.yaml) and grouped by its sweep (the sweep directory, e.g. 2026-11-24/12-00-00); a single
+    run is named by its command-line overrides."""
     if not HydraConfig.initialized():
         return
     hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
     with open_dict(cfg):
         if not cfg.get("run_name"):
-            cfg.run_name = hc.job.override_dirname or "default"
-        if not cfg.get("group") and hc.mode == RunMode.MULTIRUN:
+            if multirun:
+                pairs = job_overrides(hc.overrides.task, hc.sweep.dir, hc.job.config.override_dirname.exclude_keys)
+                cfg.run_name = " ".join(f"{k}={v}" for k, v in pairs) or f"job {hc.job.num}"
+            else:
+                cfg.run_name = hc.job.override_dirname or "default"
+        if not cfg.get("group") and multirun:
             cfg.group = "/".join(Path(hc.sweep.dir).parts[-2:])  # e.g. 2026-11-24/12-00-00
+
+
+def finish_loggers(trainer: pl.Trainer | None, failed: bool = False) -> None:
+    """End this run's W&B run. Lightning's WandbLogger never finishes the run it starts, so the next job of a sweep
+    that runs in the same process (Hydra's basic launcher) was logged into it ("a wandb run already in progress ...
+    will reuse this run"): one run held every job's metrics and the later jobs had none of their own."""
+    for logger in (trainer.loggers if trainer is not None else []):
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:  # rank 0, and only if it started
+            logger._experiment.finish(exit_code=1 if failed else 0)
+            logger._experiment = None
 
 
 def build_task(cfg: DictConfig):
@@ -57,6 +77,7 @@ def build_task(cfg: DictConfig):
         if isinstance(e.__cause__, ConfigError):
             raise e.__cause__ from None
         raise
+    check_modalities(cfg, datamodule)
     try:
         backbone = instantiate(cfg.model)
     except InstantiationException as e:  # a constructor's validation (a bad routing table, a masking the
@@ -80,6 +101,34 @@ def build_task(cfg: DictConfig):
     if compile_wanted(cfg):
         backbone.compile()
     return datamodule, task
+
+
+# Recipes for data with one modality, named when a config asks for the other one.
+ONE_MODALITY_RECIPES = {"audio": "experiment=esc50_scratch", "video": "experiment=k400_video"}
+
+
+def check_modalities(cfg: DictConfig, datamodule) -> None:
+    """A run that needs a modality its data lacks stops here with one line: the shards' manifest counts the clips
+    with audio and with video. A run needs what it reads (data.modalities) and what it scores (task.eval_inputs:
+    audio_video needs both; tasks without them, contrastive and CAV-MAE, pair the two)."""
+    counts = datamodule.modality_counts() if hasattr(datamodule, "modality_counts") else None
+    if not counts:
+        return
+    reads = set(cfg.data.get("modalities") or ("audio", "video"))
+    scores = cfg.task.get("eval_inputs")
+    needs = reads | ({m for inputs in scores for m in str(inputs).split("_")} if scores is not None
+                     else {"audio", "video"})
+    absent = [m for m in ("audio", "video") if counts[m] == 0 and m in needs]
+    if not absent:
+        return
+    m = absent[0]
+    present = "audio" if m == "video" else "video"
+    asked = f"data.modalities={sorted(reads)}" + (f", task.eval_inputs={list(scores)}" if scores is not None else
+                                                   f", {cfg.task._target_.rsplit('.', 1)[-1]} (pairs both)")
+    raise ConfigError(f"data: no clip of {cfg.data.get('root', 'the data')} has {m} (its manifest: {present} in "
+                      f"{counts[present]} clips, {m} in 0) but this run needs it ({asked}); for {present}-only data "
+                      f"use {ONE_MODALITY_RECIPES[present]}, or data.modalities=[{present}] "
+                      f"task.eval_inputs=[{present}]".replace("'", ""))
 
 
 def compile_wanted(cfg: DictConfig) -> bool:
@@ -121,6 +170,9 @@ def build(cfg: DictConfig):
     """Instantiate (datamodule, task, trainer) from a composed config."""
     datamodule, task = build_task(cfg)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger._wandb_init = known_warnings.wandb_init_kwargs(logger._wandb_init)
     callbacks = []
     for name, c in (cfg.get("callbacks") or {}).items():
         if not c or "_target_" not in c:
@@ -128,10 +180,10 @@ def build(cfg: DictConfig):
         if name == "lr_monitor" and not loggers:  # LearningRateMonitor refuses to run without a logger
             continue
         callbacks.append(instantiate(c))
-    from .callbacks import progress_bar
+    from .callbacks import LogEveryEpoch, progress_bar
 
     show_progress, progress = progress_bar(cfg.get("progress", "auto"), cfg.get("progress_every_n_steps", 50))
-    callbacks += progress
+    callbacks += [*progress, LogEveryEpoch()]
     if "SLURMEnvironment" in str(cfg.trainer.get("plugins")) and "SLURM_PROCID" not in os.environ:
         raise ConfigError("trainer=slurm runs in a SLURM job step (srun, or -m hydra/launcher=submitit_slurm_gpu); "
                           "elsewhere use trainer=ddp (docs/cluster_training.md)")
@@ -156,6 +208,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     _log_once()
     _fill_run_names(cfg)
     datamodule, task, trainer = build(cfg)  # the loggers get the task's hyper-parameters from Lightning
+    failed = True
+    try:
+        metrics = _train(cfg, datamodule, task, trainer)
+        failed = False
+        return metrics
+    finally:  # this job's W&B run ends with it (the next job of a sweep gets its own)
+        finish_loggers(trainer, failed)
+
+
+def _train(cfg: DictConfig, datamodule, task, trainer: pl.Trainer) -> dict[str, float]:
     if cfg.get("train", True):
         try:
             trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), trainer))
@@ -239,7 +301,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run.data = eval_data(cfg, run)
         run.trainer = cfg.trainer
         if "eval_inputs" in run.task:  # supervised checkpoints: how the V / A / A+V settings are evaluated
-            run.task.eval_inputs = list(cfg.eval_inputs)
+            if cfg.get("eval_inputs") is not None:  # (null: the checkpoint's own, e.g. [audio] for ESC-50)
+                run.task.eval_inputs = list(cfg.eval_inputs)
             for key in ("unimodal_eval", "zero_input"):
                 if cfg.get(key) is not None:
                     run.task[key] = cfg[key]
@@ -256,6 +319,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("protocol", "test") == "linear_probe":
         return _linear_probe(cfg, run, ckpt, split)
     datamodule, task, trainer = build(run)
+    failed = True
+    try:
+        metrics = _evaluate(cfg, ckpt, split, datamodule, task, trainer)
+        failed = False
+        return metrics
+    finally:
+        finish_loggers(trainer, failed)
+
+
+def _evaluate(cfg: DictConfig, ckpt: dict, split: str, datamodule, task, trainer: pl.Trainer) -> dict[str, float]:
     if not datamodule.has_split(split):
         raise ConfigError(f"split: the data has no {split!r} split")
     for logger in trainer.loggers:
@@ -300,13 +373,18 @@ def run_probe(probe_cfg: DictConfig, datamodule, trainer: pl.Trainer, task, spli
 
 def _linear_probe(cfg: DictConfig, run: DictConfig, ckpt: dict, split: str) -> dict[str, float]:
     datamodule, task, trainer = build(run)
-    task.load_state_dict(ckpt["state_dict"])
-    out = Path(cfg.paths.output_dir)
-    metrics, settings = run_probe(cfg.probe, datamodule, trainer, task, split, out)
-    if trainer.is_global_zero:
-        _save_metrics(out, metrics, settings)
-        log.info("linear-probe features written to %s", out / "features")
-    return metrics
+    failed = True
+    try:
+        task.load_state_dict(ckpt["state_dict"])
+        out = Path(cfg.paths.output_dir)
+        metrics, settings = run_probe(cfg.probe, datamodule, trainer, task, split, out)
+        if trainer.is_global_zero:
+            _save_metrics(out, metrics, settings)
+            log.info("linear-probe features written to %s", out / "features")
+        failed = False
+        return metrics
+    finally:
+        finish_loggers(trainer, failed)
 
 
 def _scalars(metrics: dict) -> dict[str, float]:

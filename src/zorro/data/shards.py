@@ -15,7 +15,7 @@ from .clips import ClipSampler
 from .device import collate
 from .info import DatasetInfo
 from .reading import is_url, read_manifest, shard_url
-from .stream import DataError, ShardStream, rank_world, samples_per_slot
+from .stream import DataError, ShardStream, assign_shards, rank_world, samples_per_slot
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -70,6 +70,31 @@ class ShardDataModule(pl.LightningDataModule):
 
     def has_split(self, stage: str) -> bool:
         return sum(s["num_samples"] for s in self._shards(stage)) > 0
+
+    def modality_counts(self, stages=("train", "val", "test")) -> dict[str, int] | None:
+        """{"audio": clips with audio, "video": clips with video} in the splits this run reads for `stages`, from
+        the manifest (data_prep counts them per shard); None for shards written before it did."""
+        shards = [s for stage in stages for s in self._shards(stage)]
+        if not shards or not all("num_audio" in s and "num_video" in s for s in shards):
+            return None
+        return {m: sum(s[f"num_{m}"] for s in shards) for m in ("audio", "video")}
+
+    def num_batches(self, stage: str) -> int | None:
+        """Batches of this rank's `stage` evaluation loader, where that is known before reading it: every clip one
+        view (eval_windows=1, and eval_crops=1 or no frames read), so the progress bars can show a total (an
+        evaluation stream has no __len__). Unreadable samples end it earlier."""
+        sampler = self.samplers["eval"]
+        if stage == "train" or sampler.windows != 1 or (sampler.crops != 1 and "video" in sampler.modalities):
+            return None
+        counts = [s["num_samples"] for s in self._shards(stage)]
+        rank, world = self._rank_world()
+        workers = max(1, self.num_workers)
+        slots = workers * world
+        if len(counts) >= slots:  # as ShardStream._raw splits them: whole shards per slot ...
+            per_slot = [sum(counts[i] for i in share) for share in assign_shards(counts, slots)]
+        else:  # ... or every slots-th sample of all of them
+            per_slot = [len(range(slot, sum(counts), slots)) for slot in range(slots)]
+        return sum(-(-n // self.batch_size) for n in per_slot[rank * workers:(rank + 1) * workers])
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer  # None outside a Trainer (tests, benchmarks)

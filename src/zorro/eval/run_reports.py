@@ -39,7 +39,8 @@ def confusion(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def write_classification_reports(out: Path, scores: dict[str, float], predictions: dict, *,
                                  class_names: Sequence[str], multi_label: bool, stage: str) -> list[Path]:
-    """predictions: {inputs: (clip probs, clip labels)} of the averaged head. Returns the images written."""
+    """predictions: {inputs: (clip probs, clip labels)} of each setting's prediction (the averaged heads, or the
+    own head of a stream run alone); the pictures show A+V's, else the first setting's. Returns the images written."""
     out.mkdir(parents=True, exist_ok=True)
     plt, images = _plt(), []
     write_csv(out / "table.csv", *head_rows(scores, stage, digits=2))
@@ -47,9 +48,12 @@ def write_classification_reports(out: Path, scores: dict[str, float], prediction
     table = {f"{head} {metric}": {labels_of[i]: v for i, v in row.items()}
              for (head, metric), row in cells(scores, stage).items()}
     (out / "table.json").write_text(json.dumps(table, indent=2, sort_keys=True))
-    if "audio_video" not in predictions:
+    # the A+V prediction; for a run scored on one modality only (ESC-50: eval_inputs=[audio]) that one's
+    inputs = "audio_video" if "audio_video" in predictions else next(iter(predictions), None)
+    if inputs is None:
         return images
-    probs, labels = predictions["audio_video"]
+    probs, labels = predictions[inputs]
+    shown_as = "A+V averaged prediction" if inputs == "audio_video" else f"{labels_of[inputs]} prediction"
     names = list(class_names) or [str(i) for i in range(probs.shape[1])]
     if multi_label:
         ap = per_class_ap(probs, labels)
@@ -65,7 +69,7 @@ def write_classification_reports(out: Path, scores: dict[str, float], prediction
         ax.bar(range(len(shown)), [float(ap[i]) for i in shown])
         ax.set_xticks(range(len(shown)), [names[i] for i in shown], rotation=90, fontsize=7)
         ax.set_ylabel("AP")
-        ax.set_title(f"{stage}: per-class AP, A+V averaged prediction (mAP {float(ap[valid].mean()):.3f})")
+        ax.set_title(f"{stage}: per-class AP, {shown_as} (mAP {float(ap[valid].mean()):.3f})")
         path = out / "per_class_ap.png"
     else:
         cm = confusion(probs, labels)
@@ -88,7 +92,7 @@ def write_classification_reports(out: Path, scores: dict[str, float], prediction
                                 color="white" if rates[i, j] > 0.5 else "black")
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(f"{stage}: confusion matrix (A+V, averaged heads)", fontsize=9)
+        ax.set_title(f"{stage}: confusion matrix ({shown_as})", fontsize=9)
         path = out / "confusion_matrix.png"
     fig.tight_layout()
     fig.savefig(path, dpi=100)

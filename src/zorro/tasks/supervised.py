@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence
 
 import torch
@@ -10,8 +11,10 @@ from torch import nn
 from ..data.info import DatasetInfo
 from ..eval.tables import own_head
 from ..models.routing import OUTPUTS
-from .base import EVAL_INPUTS, ZERO_INPUTS, BaseTask, float_audio, model_inputs, modality_flags
+from .base import EVAL_INPUTS, ZERO_INPUTS, BaseTask, float_audio, model_inputs, modality_flags, presence
 from .metrics import ClipPredictions, classification_scores
+
+log = logging.getLogger(__name__)
 
 COMBINE = ("probs", "logits")  # how the heads' outputs become the clip's prediction "avg"
 # The multi-label loss of one head for one sample: sigmoid cross-entropy
@@ -87,6 +90,8 @@ class SupervisedTask(BaseTask):
         self.metric_name = "mAP" if dataset.multi_label else "top1"
         self.eval_clips = nn.ModuleDict({stage: nn.ModuleDict({f"{i}-{n}": ClipPredictions() for i in self.eval_inputs
                                                                for n in names}) for stage in ("val", "test")})
+        self._seen: dict[str, torch.Tensor] = {}  # per stage: clips with audio, with video (not saved)
+        self._told_absent: set[str] = set()
 
     # -- targets and losses ------------------------------------------------------------------------------
     def soft_targets(self, label: torch.Tensor) -> torch.Tensor:
@@ -220,6 +225,8 @@ class SupervisedTask(BaseTask):
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         clips, label, keys = self.eval_clips[stage], batch["label"], batch.get("key")
+        seen = torch.stack([flags.sum() for flags in presence(batch)])  # clips with audio, with video
+        self._seen[stage] = self._seen[stage] + seen if stage in self._seen else seen
         for inputs in self.eval_inputs:
             if self.dropped_stream(inputs):  # the own head alone; equal to zero-filling (tests prove it)
                 kwargs = model_inputs(batch, inputs)
@@ -238,25 +245,45 @@ class SupervisedTask(BaseTask):
                 self.log(f"{stage}/loss", torch.stack(list(losses.values())).mean(), batch_size=label.shape[0],
                          sync_dist=True)
 
+    def absent_modalities(self, stage: str) -> set[str]:
+        """The modalities no clip of this evaluation epoch had (all processes): the settings that need one are not
+        scored, so a run on data without video never prints a V number (nor A+V, nor the video head's)."""
+        seen = self._seen.pop(stage, None)
+        if seen is None:
+            seen = torch.zeros(2, dtype=torch.long, device=self.device)
+        seen = self._gather(seen[None], sync_grads=False).sum(0)  # every process calls it: the same decision
+        return {m for m, n in zip(("audio", "video"), seen.tolist()) if n == 0}
+
     def _eval_epoch_end(self, stage: str) -> None:
-        values, averaged = {}, {}
+        values, averaged, dropped = {}, {}, set()
+        absent = self.absent_modalities(stage)
         for key, predictions in self.eval_clips[stage].items():
             if not predictions.update_called:
                 continue
             inputs, name = key.split("-")
             probs, labels = predictions.compute()  # gathered across processes, averaged per clip
+            if absent & {*inputs.split("_"), name}:
+                predictions.reset()
+                dropped.add(inputs if absent & set(inputs.split("_")) else f"the {name} head")
+                continue
             if self.view_average == "logits":
                 probs = self.probabilities(probs)
-            if name == "avg":
+            if name == "avg" or (name == inputs and self.dropped_stream(inputs)):  # the setting's prediction:
+                # all heads averaged, or its own head where it runs alone (ESC-50's [audio]), for the reports
                 averaged[inputs] = (probs.cpu(), labels.reshape(probs.shape[0], *labels.shape[1:]).cpu())
             for metric, value in classification_scores(probs, labels, multi_label=self.dataset.multi_label).items():
                 values[f"{stage}/{inputs}/{name}/{metric}"] = value
             values[f"{stage}/num_clips"] = torch.tensor(float(probs.shape[0]))
             predictions.reset()
         # what checkpointing monitors: the first eval setting, read as the Table-3 column (A: the audio head)
-        primary = f"{stage}/{self.eval_inputs[0]}/{own_head(self.eval_inputs[0], self.output_names)}/{self.metric_name}"
+        scored = [i for i in self.eval_inputs if not absent & set(i.split("_"))] or list(self.eval_inputs)
+        primary = f"{stage}/{scored[0]}/{own_head(scored[0], self.output_names)}/{self.metric_name}"
         if primary in values:
             values[f"{stage}/score"] = values[primary]
+        if dropped and stage not in self._told_absent:
+            self._told_absent.add(stage)
+            log.warning("%s: no clip has %s: not scored: %s (%s/score = %s)", stage, " or ".join(sorted(absent)),
+                        ", ".join(sorted(dropped)), stage, primary.split("/", 1)[1])
         self._publish(stage, values, predictions=averaged)
 
 
