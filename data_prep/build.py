@@ -248,6 +248,24 @@ class Journal:
         return {r for s in self.shards for r in s["rows"]} | set(self.skipped)
 
 
+class Digesting:
+    """A file being written, with its size and sha256 computed on the way (no second read of the shard)."""
+
+    def __init__(self, f):
+        self.f, self.size, self.sha256 = f, 0, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class SplitWriter:
     """Writes one split's shards in order: `{split}{tag}-{n:06d}.tar`, via a temporary file renamed when full.
     `tag` is "" on one machine and `-pKKKKKofNNNNN` for a part, so parts never write the same name."""
@@ -263,7 +281,7 @@ class SplitWriter:
     def add(self, members: dict, row: int) -> None:
         if self.tar is None:
             self.tmp = self.out / f"{self.split}{self.tag}-{self.index:06d}.tar.tmp"
-            self.stream = open(self.tmp, "wb")
+            self.stream = Digesting(open(self.tmp, "wb"))
             self.tar = self._wds.TarWriter(self.stream, mtime=0)  # fixed mtime: same input -> byte-identical shards
             self.rows, self.size = [], 0
         self.tar.write(members)
@@ -281,9 +299,11 @@ class SplitWriter:
         self.stream.close()
         name = f"{self.split}{self.tag}-{self.index:06d}.tar"
         os.replace(self.tmp, self.out / name)
-        self.journal.append({"type": "shard", "split": self.split, "name": name, "rows": self.rows,
-                             "num_samples": len(self.rows)})
-        self.journal.shards.append({"split": self.split, "name": name, "rows": self.rows, "num_samples": len(self.rows)})
+        # count, size and digest: what readers check each shard against (a shard cut short is never silent)
+        rec = {"split": self.split, "name": name, "rows": self.rows, "num_samples": len(self.rows),
+               "size": self.stream.size, "sha256": self.stream.sha256.hexdigest()}
+        self.journal.append({"type": "shard", **rec})
+        self.journal.shards.append(rec)
         self.index += 1
         self.tar = None
 
@@ -304,7 +324,7 @@ def fingerprint(settings: dict) -> str:
 
 def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, workers: int = 1,
                  splits: set[str] | None = None, timeout: float = 600.0, stop_after_rows: int | None = None,
-                 progress: bool = True, part: Part | None = None) -> dict:
+                 progress: bool = True, part: Part | None = None, holdout: dict | None = None) -> dict:
     """Write shards for `rows` (only part `part`'s rows when given); returns the manifest (the part manifest for
     a part). `stop_after_rows` stops abruptly (tests of resume)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -317,6 +337,8 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
         (out / PARTS_DIR).mkdir(exist_ok=True)
         settings = rows_settings(rows, options, splits, part.parts)
         extra = {"parts": part.parts, "rows_sha256": settings["rows_sha256"]}
+    if holdout:
+        extra = {**(extra or {}), **holdout}
     journal = Journal(part.file(out, "journal.jsonl") if part else out / JOURNAL, options, splits, extra)
     tag = f"-{part.name}" if part else ""  # (after the journal's lock: never delete a running writer's shard)
     for leftover in out.glob(f"*{tag}-[0-9][0-9][0-9][0-9][0-9][0-9].tar.tmp"):  # a shard interrupted by a kill
@@ -339,12 +361,12 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
         journal.append(rec)
         journal.skipped[row.index] = rec
 
-    seen_paths: set[str] = set()
+    first_of: dict[str, Row] = {}  # normalised path -> the row that keeps it
     tasks = []
     for row in rows:
         if row.path is not None:
-            first = row.path not in seen_paths
-            seen_paths.add(row.path)
+            kept = first_of.setdefault(os.path.normpath(row.path), row)
+            first = kept is row
         if row.index in done or row.index not in mine_index:
             continue
         if row.problem:
@@ -352,6 +374,9 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
                  else f"label(s) not in the class list: {row.labels}")
         elif row.path is None:
             skip(row, "missing_file", f"no file in --videos matches {row.source!r}")
+        elif not first and kept.split != row.split:  # the same clip in train and test would leak the test set
+            skip(row, "duplicate_across_splits", f"{row.path} is also row {kept.index} of split {kept.split!r} "
+                 f"(kept there, not in {row.split!r})")
         elif not first:
             skip(row, "duplicate_row", f"{row.path} is listed more than once (first occurrence kept)")
         elif splits is not None and row.split not in splits:
@@ -392,12 +417,15 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
 
 
 def make_manifest(shards: list[dict], classes: list[str], multi_label: bool, options: Options | dict) -> dict:
-    """manifest.json (docs/data_format.md) for shard records {split, name, num_samples}: shards sorted by name."""
+    """manifest.json (docs/data_format.md) for shard records {split, name, num_samples[, size, sha256]}: shards
+    sorted by name."""
     opt = asdict(options) if isinstance(options, Options) else options
     splits: dict[str, dict] = {}
     for shard in shards:
         s = splits.setdefault(shard["split"], {"num_samples": 0, "shards": []})
-        s["shards"].append({"name": shard["name"], "num_samples": shard["num_samples"]})
+        # size and sha256: absent in journals of data_prep runs from before they were recorded
+        s["shards"].append({"name": shard["name"], "num_samples": shard["num_samples"],
+                            **{k: shard[k] for k in ("size", "sha256") if shard.get(k) is not None}})
         s["num_samples"] += shard["num_samples"]
     for s in splits.values():
         s["shards"].sort(key=lambda x: x["name"])
