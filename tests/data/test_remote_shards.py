@@ -1,6 +1,7 @@
 """Shards from a URL: a shard folder served by `python -m http.server` on 127.0.0.1, trained on and evaluated
 from http://127.0.0.1:PORT/ (streamed; with data.cache_dir each shard is fetched once); unreachable servers and
-missing manifests are one-line errors."""
+missing manifests are one-line errors. The same against moto's S3 server on 127.0.0.1 (s3://, through
+AWS_ENDPOINT_URL or data.storage_options)."""
 
 import socket
 import subprocess
@@ -166,6 +167,7 @@ def s3_env(s3_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.mark.slow  # ~35 s; the fast case below reads the same server both ways
 def test_train_and_evaluate_from_a_local_s3_server(s3_env, tmp_path, monkeypatch):
     """docs/cluster_training.md: an S3-compatible store (MinIO, Ceph, moto) through AWS_ENDPOINT_URL."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env)
@@ -181,9 +183,13 @@ def test_train_and_evaluate_from_a_local_s3_server(s3_env, tmp_path, monkeypatch
     assert metrics["test/num_clips"] == 3 and "test/audio_video/avg/top1" in metrics
 
 
-def test_s3_storage_options_reach_fsspec(s3_env):
-    """data.storage_options: fsspec's own route to an endpoint (no AWS_ENDPOINT_URL)."""
+@pytest.mark.parametrize("route", ["AWS_ENDPOINT_URL", "storage_options"])
+def test_shards_from_a_local_s3_server(s3_env, monkeypatch, route):
+    """The two routes to an S3-compatible endpoint: botocore's AWS_ENDPOINT_URL, or data.storage_options."""
+    if route == "AWS_ENDPOINT_URL":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env)
+    options = {"endpoint_url": s3_env} if route == "storage_options" else None
     dm = ShardDataModule(root=f"s3://{BUCKET}/as", batch_size=2, num_workers=0, num_frames=4, image_size=32,
-                         sample_rate=16000, shuffle_buffer=0, storage_options={"endpoint_url": s3_env})
+                         sample_rate=16000, shuffle_buffer=0, storage_options=options)
     keys = [k for batch in dm.train_dataloader() for k in batch["key"]]
     assert sorted(keys) == [f"tr{i:02d}" for i in range(8)] and dm.skipped() == 0
