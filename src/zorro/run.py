@@ -157,7 +157,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                   f"ckpt_path={best}`", file=sys.stderr, flush=True)
             raise SystemExit(PREEMPTED_EXIT_CODE) from None
         metrics.update(_scalars(trainer.callback_metrics))
-        check_scored(datamodule, metrics, "test", "test")
+        check_scored(datamodule, trainer, metrics, "test", "test")
         _report(metrics, "test", settings)
     out = Path(cfg.paths.output_dir) if cfg.get("paths") else None
     if cfg.get("linear_probe") and not trainer.fast_dev_run:
@@ -252,7 +252,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_eval(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
     metrics = _scalars(trainer.callback_metrics)
     settings = task.eval_settings() if hasattr(task, "eval_settings") else None
-    check_scored(datamodule, metrics, "test" if split == "test" else "val", split)
+    check_scored(datamodule, trainer, metrics, "test" if split == "test" else "val", split)
     _report(metrics, "test" if split == "test" else "val", settings)
     if trainer.is_global_zero:
         _save_metrics(Path(cfg.paths.output_dir), metrics, settings)
@@ -271,11 +271,12 @@ def check_classes(trained, data) -> None:
                       f"evaluate on shards written with the checkpoint's class list")
 
 
-def check_scored(datamodule, metrics: dict[str, float], stage: str, split: str) -> None:
+def check_scored(datamodule, trainer, metrics: dict[str, float], stage: str, split: str) -> None:
     """An evaluation scored every clip its split holds: a shard that ended early or unreadable clips would
     otherwise give a score over part of the split (the warnings above name them)."""
     expected = datamodule.split_size(split) if hasattr(datamodule, "split_size") else 0
-    if not expected:
+    limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
+    if not expected or limit != 1.0:  # trainer.limit_*_batches asked for part of the split
         return
     scored = int(metrics.get(f"{stage}/num_clips", 0))
     if scored < expected:

@@ -132,8 +132,9 @@ class ShardStream(IterableDataset):
                 mine_lost = lost if keep is None else len(range((keep - n) % slots, lost, slots))
                 n += max(self.counts[i] - read, 0)
                 if mine_lost:
+                    share = "" if keep is None else f", {mine_lost} of them by this worker"
                     self._count_bad(mine_lost, f"shard {self.shards[i]}",
-                                    f"{problem} ({lost} samples counted as unreadable)")
+                                    f"{problem} ({lost} samples counted as unreadable{share})")
             elif read > self.counts[i] or (self.sizes[i] is not None and size != self.sizes[i]):
                 log.warning("shard %s differs from the manifest (%d samples, %s bytes; the manifest: %d, %s): "
                             "was it rewritten after data_prep?", self.shards[i], read, size, self.counts[i],
