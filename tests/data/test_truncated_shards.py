@@ -143,8 +143,10 @@ def test_a_stalled_server_is_given_up_within_the_timeout(whole, tmp_path, caplog
         start = time.monotonic()
         keys, skipped = read_split(dm)
         elapsed = time.monotonic() - start
-    # per shard: 1 s without data, 1 s backoff, 1 s without data again; then the next shard
-    assert elapsed < 30 and keys == [] and skipped == 6, (elapsed, keys, skipped)
+    # per shard: 1 s without data, 1 s backoff, 1 s without data again; then the next shard. The clips that
+    # arrived whole before the stall are used, every other one is counted
+    assert elapsed < 30 and len(set(keys)) == len(keys) and len(keys) + skipped == 6 and skipped >= 3, \
+        (elapsed, keys, skipped)
     if workers == 0:
         assert "no data for 1 s" in caplog.text and "retry 1 of 1" in caplog.text
 

@@ -144,7 +144,7 @@ class _HttpSource:
             _skip(self, offset)
 
     def read(self, n: int) -> bytes:
-        data = self.resp.read(n)
+        data = self.resp.read1(n)  # what has arrived: a slow but moving body is not a stall
         if self.left is not None:
             self.left -= len(data)
             if not data and self.left > 0:
@@ -160,17 +160,19 @@ class _PipeSource:
     """The stdout of a shell command (`pipe:CMD`, gsutil for gs://); its exit status is checked at the end."""
 
     def __init__(self, command: str, offset: int):
-        self.command = command
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     start_new_session=False)
+        import tempfile
+
+        self.command, self.stderr = command, tempfile.TemporaryFile()  # a file: a chatty command never blocks
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr)
         _skip(self, offset)
 
     def read(self, n: int) -> bytes:
-        data = self.proc.stdout.read(n)
+        data = self.proc.stdout.read1(n)  # what has arrived: a slow but moving command is not a stall
         if not data:
             status = self.proc.wait()
             if status:
-                err = self.proc.stderr.read(2000).decode(errors="replace").strip().splitlines()
+                self.stderr.seek(0)
+                err = self.stderr.read()[-2000:].decode(errors="replace").strip().splitlines()
                 raise _CommandFailed(f"`{self.command}` exited with {status}" + (f": {err[-1]}" if err else ""))
         return data
 
@@ -179,7 +181,7 @@ class _PipeSource:
             self.proc.kill()
         self.proc.wait()
         self.proc.stdout.close()
-        self.proc.stderr.close()
+        self.stderr.close()
 
 
 def _skip(source, n: int) -> None:
