@@ -11,6 +11,7 @@ from zorro.config import ConfigError, preflight
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from zorro.data.stream import DataError
     from zorro.run import evaluate
 
     try:
@@ -18,6 +19,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"Error in config: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except DataError as e:  # e.g. fewer clips scored than the split holds
+        print(f"Error in data: {e}", file=sys.stderr)
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

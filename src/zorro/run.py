@@ -234,6 +234,7 @@ def _train(cfg: DictConfig, datamodule, task, trainer: pl.Trainer) -> dict[str, 
                   f"ckpt_path={best}`", file=sys.stderr, flush=True)
             raise SystemExit(PREEMPTED_EXIT_CODE) from None
         metrics.update(_scalars(trainer.callback_metrics))
+        check_scored(datamodule, trainer, metrics, "test", "test")
         _report(metrics, "test", settings)
     out = Path(cfg.paths.output_dir) if cfg.get("paths") else None
     if cfg.get("linear_probe") and not trainer.fast_dev_run:
@@ -330,17 +331,48 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 def _evaluate(cfg: DictConfig, ckpt: dict, split: str, datamodule, task, trainer: pl.Trainer) -> dict[str, float]:
     if not datamodule.has_split(split):
-        raise ConfigError(f"split: the data has no {split!r} split")
+        have = sorted(getattr(datamodule, "manifest", {}).get("splits", {}))
+        raise ConfigError(f"split: the data has no {split!r} split" + (f" (it has {', '.join(have)})" if have else ""))
+    check_classes(checkpoint_run(ckpt)[1], datamodule.info)
     for logger in trainer.loggers:
         logger.log_hyperparams({"ckpt_path": str(cfg.ckpt_path), "split": split, **checkpoint_run(ckpt)[0]})
     run_eval = trainer.test if split == "test" else trainer.validate
     run_eval(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
     metrics = _scalars(trainer.callback_metrics)
     settings = task.eval_settings() if hasattr(task, "eval_settings") else None
+    check_scored(datamodule, trainer, metrics, "test" if split == "test" else "val", split)
     _report(metrics, "test" if split == "test" else "val", settings)
     if trainer.is_global_zero:
         _save_metrics(Path(cfg.paths.output_dir), metrics, settings)
     return metrics
+
+
+def check_classes(trained, data) -> None:
+    """The checkpoint's classes are the data's, in the same order (else every score compares other classes)."""
+    if trained is None or not trained.class_names or not data.class_names or trained.class_names == data.class_names:
+        return
+    a, b = list(trained.class_names), list(data.class_names)
+    only = lambda x, y: ", ".join([c for c in x if c not in y][:5]) or "none"  # noqa: E731
+    what = (f"the same {len(a)} classes in another order" if sorted(a) == sorted(b) else
+            f"only in the checkpoint: {only(a, b)}; only in the data: {only(b, a)}")
+    raise ConfigError(f"the checkpoint was trained on {len(a)} classes, data.root has {len(b)} ({what}); "
+                      f"evaluate on shards written with the checkpoint's class list")
+
+
+def check_scored(datamodule, trainer, metrics: dict[str, float], stage: str, split: str) -> None:
+    """An evaluation scored every clip its split holds: a shard that ended early or unreadable clips would
+    otherwise give a score over part of the split (the warnings above name them)."""
+    expected = datamodule.split_size(split) if hasattr(datamodule, "split_size") else 0
+    limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
+    if not expected or limit != 1.0:  # trainer.limit_*_batches asked for part of the split
+        return
+    scored = int(metrics.get(f"{stage}/num_clips", 0))
+    if scored < expected:
+        from .data.stream import DataError
+
+        raise DataError(f"the {split!r} evaluation scored {scored} of the {expected} clips its manifest lists: "
+                        f"shards or clips were unreadable (the warnings above name them); no {stage} metrics "
+                        f"are reported")
 
 
 def _save_metrics(out: Path, metrics: dict[str, float], settings: dict | None) -> None:
