@@ -88,6 +88,9 @@ def test_sweep_report_reads_each_modality_from_its_own_head(tmp_path):
     assert (tmp_path / "report.md").read_text().strip() == own.strip()
     avg = write_report(tmp_path, reading="avg")  # the all-heads average stays available, named as such
     assert "| zorro | 25.0 | 25.0 | 100.0 |" in avg and "all heads averaged" in avg
+    # written beside the paper's reading, not over it
+    assert (tmp_path / "report_avg.md").read_text().strip() == avg.strip()
+    assert (tmp_path / "report.md").read_text().strip() == own.strip() and (tmp_path / "report_avg.png").exists()
 
 
 def test_sweep_report_prefers_the_linear_probe_and_falls_back_without_own_heads(tmp_path):

@@ -182,7 +182,8 @@ def write_figure(path: Path, summary: dict) -> Path:
 
 def write_report(root: Path, *, stage: str = "auto", reading: str = "own", cv: str | None = None) -> str:
     """report.md / report.csv (the table), report.png (its bars) and report.html (the table, the bars and each
-    job's per-head table and training curves) in `root`; returns the Markdown."""
+    job's per-head table and training curves) in `root` (report_<reading>.* for another reading than `own`);
+    returns the Markdown."""
     jobs = load_jobs(root)
     if not jobs:
         raise FileNotFoundError(f"no */metrics.json below {root} (is it a multirun directory of train.py?)")
@@ -200,11 +201,11 @@ def write_report(root: Path, *, stage: str = "auto", reading: str = "own", cv: s
     if line := clips_line(summary):
         lines.append(line)
     table = render(header, rows, "markdown") + "\n\n" + "\n".join(lines)
-    (root / "report.md").write_text(table + "\n")
-    write_csv(root / "report.csv", header, rows)
-    suffix = "" if reading == "own" else f"_{reading}"  # --reading avg beside the paper's reading, not over it
-    figure = write_figure(root / f"report{suffix}.png", summary)
-    write_html(root / f"report{suffix}.html", root, summary, header, rows, lines, figure)
+    name = "report" if reading == "own" else f"report_{reading}"  # another reading beside the paper's, not over it
+    (root / f"{name}.md").write_text(table + "\n")
+    write_csv(root / f"{name}.csv", header, rows)
+    figure = write_figure(root / f"{name}.png", summary)
+    write_html(root / f"{name}.html", root, summary, header, rows, lines, figure)
     return table
 
 
