@@ -92,7 +92,7 @@ def aggregate(jobs: list[dict], stage: str = "auto", reading: str = "own", cv: s
 def _cell(values: list[float], repeated: bool) -> str:
     if not values:
         return "-"
-    if not repeated:
+    if not repeated or len(values) == 1:  # one run has no spread to show
         return percent(values[0])
     mean, std = mean_std(values)
     return f"{percent(mean)} ± {percent(std)}"
