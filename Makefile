@@ -33,15 +33,18 @@ demo: install
 # OMP_NUM_THREADS=1: the training process computes on one core and the two loader workers decode on the other
 # (with two compute threads the four busy threads spin-wait against each other on a 2-core machine).
 T3 := $(DEMO_DIR)/table3
+T3_CLIPS ?= 400
 T3_SEEDS ?= 0,1,2
+T3_MASKINGS ?= zorro,two_streams,input_level,bottleneck
+T3_ARGS ?=
 table3-demo: install
-	$(PY) -m data_prep.make_demo --out $(T3)/videos --labels shared --num-clips 400 --width 80 --height 64 \
+	$(PY) -m data_prep.make_demo --out $(T3)/videos --labels shared --num-clips $(T3_CLIPS) --width 80 --height 64 \
 		--seconds 1.6 --fps 12 --num-no-audio 0 --num-audio-only 0
 	$(PY) -m data_prep --videos $(T3)/videos --labels $(T3)/videos/labels.csv --out $(T3)/shards \
 		--workers 2 --short-side 64 --sample-rate 16000 --max-samples-per-shard 32 --quiet
 	rm -rf $(T3)/sweep
-	OMP_NUM_THREADS=1 $(PY) train.py -m experiment=table3_demo masking=zorro,two_streams,input_level,bottleneck \
-		seed=$(T3_SEEDS) data.root=$(T3)/shards hydra.sweep.dir=$(T3)/sweep
+	OMP_NUM_THREADS=1 $(PY) train.py -m experiment=table3_demo masking=$(T3_MASKINGS) seed=$(T3_SEEDS) \
+		data.root=$(T3)/shards hydra.sweep.dir=$(T3)/sweep $(T3_ARGS)
 	$(PY) -m zorro.eval.sweep_report $(T3)/sweep --reading avg > /dev/null
 	@echo "table3-demo done: $(T3)/sweep/report.md, report.png and report.html (report_avg.*: the all-heads average in every column)"
 
