@@ -98,13 +98,8 @@ def _cell(values: list[float], repeated: bool) -> str:
     return f"{percent(mean)} ± {percent(std)}"
 
 
-def build_table(jobs: list[dict], stage: str = "auto", reading: str = "own",
-                cv: str | None = None) -> tuple[list[str], list[list[str]]]:
-    summary = aggregate(jobs, stage, reading, cv)
-    return _table(summary, cv)
-
-
-def _table(summary: dict, cv: str | None) -> tuple[list[str], list[list[str]]]:
+def build_table(summary: dict, cv: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the table: the swept keys, V / A / A+V cells, and the repeats of each row."""
     repeats, metric = summary["repeats"], summary["metric"]
     header = [*summary["keys"], *(f"{label} {metric or ''}".strip() for _, label in COLUMNS)]
     header += [f"folds ({k})" if k == cv else f"seeds ({k})" if k == "seed" else k for k in repeats]
@@ -190,7 +185,7 @@ def write_report(root: Path, *, stage: str = "auto", reading: str = "own", cv: s
     if reading not in READINGS:
         raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
     summary = aggregate(jobs, stage, reading, cv)
-    header, rows = _table(summary, cv)
+    header, rows = build_table(summary, cv)
     keys = summary["keys"]
     captions: dict[str, list[str]] = {}  # caption -> the rows it applies to
     for j in jobs:
