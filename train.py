@@ -1,11 +1,12 @@
 """Train a model: python train.py [model=...] [masking=...] [task=...] [data=...] [trainer=...] (see conf/train.yaml)."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from zorro.config import ConfigError
+from zorro.config import ConfigError, preflight
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -25,4 +26,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    preflight(Path(__file__).parent / "conf", "train")  # config errors in a second, before torch is imported
     main()

@@ -42,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-samples-per-shard", type=int, default=None)
     p.add_argument("--splits", default=None, help="comma-separated splits to write (default: all)")
     p.add_argument("--default-split", default="train", help="split for rows without one")
+    p.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="hold out a seeded, stratified (by first label) fraction F of train as a val split, "
+                        "for label files without one")
+    p.add_argument("--val-seed", type=int, default=0, help="seed of the --val-fraction draw (default 0)")
     p.add_argument("--class-map", type=Path, default=None, help="AudioSet class_labels_indices.csv (MID -> name)")
     p.add_argument("--esc50-test-fold", type=int, default=None, help="ESC-50: this fold becomes the test split")
     p.add_argument("--split-by-fold", action="store_true",
@@ -88,9 +92,14 @@ def report(manifest: dict, out: Path, seconds: float) -> None:
     what = f"part {manifest['part']['index']} of {manifest['part']['parts']}: " if "part" in manifest else ""
     print(f"{what}rows in = {s['rows']}, written = {s['written']}, skipped = {s['skipped']}  ({seconds:.1f} s)")
     print(f"splits: {per_split or 'none'}; classes: {len(manifest['classes'])}; multi-label: {manifest['multi_label']}")
+    if s.get("held_out_val") is not None:
+        print(f"val: {s['held_out_val']} rows held out of train (--val-fraction, seeded, stratified by first label)")
     if s["reasons"]:
         print("skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(s["reasons"].items()))
               + f" (details: {skipped_csv})")
+    if s["reasons"].get("duplicate_across_splits"):
+        print(f"warning: {s['reasons']['duplicate_across_splits']} clip(s) listed in more than one split; each is "
+              f"kept in the first split that lists it only (duplicate_across_splits in {skipped_csv})")
 
 
 def main(argv=None) -> int:

@@ -248,6 +248,24 @@ class Journal:
         return {r for s in self.shards for r in s["rows"]} | set(self.skipped)
 
 
+class Digesting:
+    """A file being written, with its size and sha256 computed on the way (no second read of the shard)."""
+
+    def __init__(self, f):
+        self.f, self.size, self.sha256 = f, 0, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class SplitWriter:
     """Writes one split's shards in order: `{split}{tag}-{n:06d}.tar`, via a temporary file renamed when full.
     `tag` is "" on one machine and `-pKKKKKofNNNNN` for a part, so parts never write the same name."""
@@ -263,11 +281,14 @@ class SplitWriter:
     def add(self, members: dict, row: int) -> None:
         if self.tar is None:
             self.tmp = self.out / f"{self.split}{self.tag}-{self.index:06d}.tar.tmp"
-            self.stream = open(self.tmp, "wb")
+            self.stream = Digesting(open(self.tmp, "wb"))
             self.tar = self._wds.TarWriter(self.stream, mtime=0)  # fixed mtime: same input -> byte-identical shards
-            self.rows, self.size = [], 0
+            self.rows, self.size, self.modalities = [], 0, {"audio": 0, "video": 0}
         self.tar.write(members)
         self.rows.append(row)
+        meta = json.loads(members["json"])
+        for m in self.modalities:  # per shard, for the manifest: which modalities the data has (docs/data_format.md)
+            self.modalities[m] += bool(meta.get(f"has_{m}"))
         self.size += sum(len(v) for k, v in members.items() if k != "__key__")
         full_size = self.size >= self.options.shard_size_mb * 2**20
         full_count = self.options.max_samples_per_shard and len(self.rows) >= self.options.max_samples_per_shard
@@ -281,9 +302,13 @@ class SplitWriter:
         self.stream.close()
         name = f"{self.split}{self.tag}-{self.index:06d}.tar"
         os.replace(self.tmp, self.out / name)
-        self.journal.append({"type": "shard", "split": self.split, "name": name, "rows": self.rows,
-                             "num_samples": len(self.rows)})
-        self.journal.shards.append({"split": self.split, "name": name, "rows": self.rows, "num_samples": len(self.rows)})
+        # count, size and digest: what readers check each shard against (a shard cut short is never silent);
+        # the samples with audio / video: which modalities the data has (docs/data_format.md)
+        record = {"split": self.split, "name": name, "rows": self.rows, "num_samples": len(self.rows),
+                  "num_audio": self.modalities["audio"], "num_video": self.modalities["video"],
+                  "size": self.stream.size, "sha256": self.stream.sha256.hexdigest()}
+        self.journal.append({"type": "shard", **record})
+        self.journal.shards.append(record)
         self.index += 1
         self.tar = None
 
@@ -304,7 +329,7 @@ def fingerprint(settings: dict) -> str:
 
 def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, workers: int = 1,
                  splits: set[str] | None = None, timeout: float = 600.0, stop_after_rows: int | None = None,
-                 progress: bool = True, part: Part | None = None) -> dict:
+                 progress: bool = True, part: Part | None = None, holdout: dict | None = None) -> dict:
     """Write shards for `rows` (only part `part`'s rows when given); returns the manifest (the part manifest for
     a part). `stop_after_rows` stops abruptly (tests of resume)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -317,6 +342,8 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
         (out / PARTS_DIR).mkdir(exist_ok=True)
         settings = rows_settings(rows, options, splits, part.parts)
         extra = {"parts": part.parts, "rows_sha256": settings["rows_sha256"]}
+    if holdout:
+        extra = {**(extra or {}), **holdout}
     journal = Journal(part.file(out, "journal.jsonl") if part else out / JOURNAL, options, splits, extra)
     tag = f"-{part.name}" if part else ""  # (after the journal's lock: never delete a running writer's shard)
     for leftover in out.glob(f"*{tag}-[0-9][0-9][0-9][0-9][0-9][0-9].tar.tmp"):  # a shard interrupted by a kill
@@ -339,12 +366,12 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
         journal.append(rec)
         journal.skipped[row.index] = rec
 
-    seen_paths: set[str] = set()
+    first_of: dict[str, Row] = {}  # normalised path -> the row that keeps it
     tasks = []
     for row in rows:
         if row.path is not None:
-            first = row.path not in seen_paths
-            seen_paths.add(row.path)
+            kept = first_of.setdefault(os.path.normpath(row.path), row)
+            first = kept is row
         if row.index in done or row.index not in mine_index:
             continue
         if row.problem:
@@ -352,6 +379,9 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
                  else f"label(s) not in the class list: {row.labels}")
         elif row.path is None:
             skip(row, "missing_file", f"no file in --videos matches {row.source!r}")
+        elif not first and kept.split != row.split:  # the same clip in train and test would leak the test set
+            skip(row, "duplicate_across_splits", f"{row.path} is also row {kept.index} of split {kept.split!r} "
+                 f"(kept there, not in {row.split!r})")
         elif not first:
             skip(row, "duplicate_row", f"{row.path} is listed more than once (first occurrence kept)")
         elif splits is not None and row.split not in splits:
@@ -392,19 +422,27 @@ def build_shards(rows: list[Row], *, videos: Path, out: Path, options: Options, 
 
 
 def make_manifest(shards: list[dict], classes: list[str], multi_label: bool, options: Options | dict) -> dict:
-    """manifest.json (docs/data_format.md) for shard records {split, name, num_samples}: shards sorted by name."""
+    """manifest.json (docs/data_format.md) for shard records {split, name, num_samples, num_audio, num_video[, size,
+    sha256]}: shards sorted by name; the samples with audio / video counted per shard, split and in all
+    (`modalities`), where every shard record has the counts (journals of older runs have none)."""
     opt = asdict(options) if isinstance(options, Options) else options
     splits: dict[str, dict] = {}
+    counted = all("num_audio" in shard and "num_video" in shard for shard in shards)
+    keys = ("num_samples", "num_audio", "num_video") if counted else ("num_samples",)
     for shard in shards:
-        s = splits.setdefault(shard["split"], {"num_samples": 0, "shards": []})
-        s["shards"].append({"name": shard["name"], "num_samples": shard["num_samples"]})
-        s["num_samples"] += shard["num_samples"]
+        s = splits.setdefault(shard["split"], {**{k: 0 for k in keys}, "shards": []})
+        # size and sha256: absent in journals of data_prep runs from before they were recorded
+        s["shards"].append({"name": shard["name"], **{k: shard[k] for k in keys},
+                            **{k: shard[k] for k in ("size", "sha256") if shard.get(k) is not None}})
+        for k in keys:
+            s[k] += shard[k]
     for s in splits.values():
         s["shards"].sort(key=lambda x: x["name"])
+    modalities = {m: sum(s[f"num_{m}"] for s in splits.values()) for m in ("audio", "video")} if counted else None
     return {"format_version": 1, "classes": classes, "multi_label": multi_label, "fps": opt["fps"],
             "sample_rate": opt["sample_rate"], "short_side": opt["short_side"],
             "audio_format": opt["audio_format"], "max_seconds": opt["max_seconds"],
-            "splits": dict(sorted(splits.items()))}
+            **({"modalities": modalities} if modalities is not None else {}), "splits": dict(sorted(splits.items()))}
 
 
 SKIPPED_HEADER = ["row", "path", "reason", "message"]

@@ -36,6 +36,13 @@ def _split(value: str | None, default: str) -> str:
     return name
 
 
+def normalise_path(path: str | None) -> str | None:
+    """One spelling per file, so duplicates are found: `./clip 000.mp4`, `clip 000.mp4` and `a/../clip 000.mp4`
+    are the same clip (surrounding spaces dropped, `.`, `..` and repeated separators resolved)."""
+    path = (path or "").strip()
+    return os.path.normpath(path) if path else None
+
+
 def read_csv(path: Path, default_split: str) -> list[Row]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -46,7 +53,7 @@ def read_csv(path: Path, default_split: str) -> list[Row]:
         for i, r in enumerate(reader):
             labels = [x.strip() for x in (r["label"] or "").split(";") if x.strip()]
             fold = r.get("fold")
-            rows.append(Row(index=i, path=(r["path"] or "").strip() or None, labels=labels,
+            rows.append(Row(index=i, path=normalise_path(r["path"]), labels=labels,
                             split=_split(r.get("split"), default_split), fold=int(fold) if fold else None,
                             source=r["path"] or "", problem=None if labels else "no_label"))
         return rows
@@ -152,3 +159,36 @@ def read_labels(fmt: str, path: Path, videos: Path, *, default_split: str = "tra
     if fmt == "esc50":
         return read_esc50(path, videos, default_split, esc50_test_fold)
     raise ValueError(f"unknown label format {fmt!r}; choose one of {FORMATS}")
+
+
+def hold_out_val(rows: list[Row], fraction: float, seed: int = 0) -> int:
+    """Move a seeded, stratified `fraction` of the train rows to a new val split (`--val-fraction`); returns how
+    many moved. Strata are the first label of a row (the label of single-label data): each class gives
+    floor(fraction * its rows), and the rows left to reach round(fraction * all) come from the classes with the
+    largest remainders, so small classes are not rounded away together. Only rows that can be written (a file,
+    labels, no problem) are drawn; the draw depends on the rows and the seed alone (every part of a partitioned
+    run draws the same)."""
+    import math
+    import random
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--val-fraction must be between 0 and 1, got {fraction:g}")
+    strata: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.split == "train" and r.path is not None and r.labels and not r.problem:
+            strata.setdefault(r.labels[0], []).append(r)
+    total = sum(len(v) for v in strata.values())
+    rng = random.Random(seed)
+    quota = {k: fraction * len(v) for k, v in strata.items()}
+    take = {k: math.floor(q) for k, q in quota.items()}
+    # the largest remainders first; ties broken by the seeded draw, not by class name
+    order = sorted(strata, key=lambda k: (-(quota[k] - take[k]), rng.random()))
+    for k in order[:max(0, round(fraction * total) - sum(take.values()))]:
+        take[k] += 1
+    moved = 0
+    for k in sorted(strata):
+        members = sorted(strata[k], key=lambda r: r.index)
+        for r in random.Random(f"{seed}:{k}").sample(members, take[k]):
+            r.split = "val"
+            moved += 1
+    return moved

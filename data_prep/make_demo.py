@@ -5,10 +5,11 @@
 Each clip shows a coloured blob (red or blue) moving over noise with distractor shapes and plays a tone (low or
 high) in noise: the 4 classes `{red,blue}_{low,high}` need both eyes and ears (A or V alone: at most 50%).
 With `--labels shared` (the Table-3 demo) audio and video carry the *same* label instead: 4 classes, each a
-colour and a pitch (`red_low`, `blue_mid`, `green_high`, `yellow_top`). As on AudioSet, one modality is the
-stronger: the tone always matches the label, the colour only in `--video-agreement` (0.7) of the clips (the
-others show another class's colour). A model that lets its video tokens read the audio then leans on it, and its
-video output fails when the audio is missing; one whose video stream sees only video keeps ~70%.
+colour and a pitch (`red_low`, `blue_mid`, `green_high`, `yellow_top`), both cues on every clip: each modality
+alone is fully informative, and they are redundant. A model whose video tokens read the audio can then learn the
+label from the easier modality alone and lose the other when it is missing; one whose streams see only their own
+modality cannot. `--video-agreement F` shows the label's colour on only F of the clips (the others show another
+class's colour), `--cue-size` sets the coloured square's size, `--fps` the frame rate of the files.
 Mostly H.264/AAC mp4 (some at 44.1 / 16 kHz to exercise resampling), some VP9/Opus webm and MPEG-4/MP3 mkv,
 a few videos without an audio track, a few audio-only wav files (has_video=false; their label comes from the
 tone alone, so they are labelled with the tone and a colour taken in turn — an honest "unknowable" part).
@@ -35,15 +36,15 @@ DISTRACTORS = [(40, 200, 40), (220, 220, 40), (200, 200, 200)]
 LABELS = {
     "product": {"classes": [(c, p) for c in ("red", "blue") for p in ("low", "high")], "distractors": DISTRACTORS},
     "shared": {"classes": [("red", "low"), ("blue", "mid"), ("green", "high"), ("yellow", "top")],
-               "distractors": [(200, 200, 200), (150, 80, 200), (120, 80, 40)], "video_agreement": 0.7},
+               "distractors": [(200, 200, 200), (150, 80, 200), (120, 80, 40)]},
 }
 
 
 def render_frames(rng: np.random.Generator, colour: str, seconds: float, fps: int, width: int, height: int,
-                  distractors=DISTRACTORS):
+                  distractors=DISTRACTORS, cue_size: float = 1 / 7):
     n = max(1, int(round(seconds * fps)))
     base = rng.integers(0, 90, size=(height, width, 3), dtype=np.uint8)
-    r = max(4, min(width, height) // 7)
+    r = max(4, int(min(width, height) * cue_size))
     pos = rng.uniform([r, r], [width - r, height - r])
     vel = rng.uniform(-2.5, 2.5, size=2) * (fps / 25)
     distractor = distractors[rng.integers(len(distractors))]
@@ -131,7 +132,8 @@ NAMES = ["clip {i:03d}", "clip.{i:03d}.take", "clip_{i:03d}", "clíp-{i:03d} ün
 
 def make_demo(out: Path, *, num_clips: int = 48, seed: int = 0, seconds: float = 3.0, width: int = 128,
               height: int = 96, fps: int = 25, num_no_audio: int = 3, num_audio_only: int = 3,
-              broken: bool = True, labels: str = "product", video_agreement: float | None = None) -> Path:
+              broken: bool = True, labels: str = "product", video_agreement: float | None = None,
+              cue_size: float = 1 / 7) -> Path:
     """Write the files and labels.csv into `out`; returns the path of labels.csv."""
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {sorted(LABELS)}, got {labels!r}")
@@ -156,7 +158,7 @@ def make_demo(out: Path, *, num_clips: int = 48, seed: int = 0, seconds: float =
         shown = colour  # the colour on screen: another class's in 1 - video_agreement of the clips
         if video_agreement < 1 and vrng.random() >= video_agreement:
             shown = [c for c, _ in classes if c != colour][vrng.integers(len(classes) - 1)]
-        write_video(path, render_frames(rng, shown, secs, fps, width, height, distractors), audio, fps=fps, width=width,
+        write_video(path, render_frames(rng, shown, secs, fps, width, height, distractors, cue_size), audio, fps=fps, width=width,
                     height=height, sample_rate=sr, vcodec=vcodec, acodec=acodec)
         rows.append((path.name, f"{colour}_{pitch}", split))
     for j in range(num_audio_only):  # audio-only files (has_video=false), like ESC-50
@@ -188,17 +190,21 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--height", type=int, default=96)
+    p.add_argument("--fps", type=int, default=25)
+    p.add_argument("--cue-size", type=float, default=1 / 7,
+                   help="half-width of the coloured square as a fraction of the frame's shorter side")
     p.add_argument("--no-broken", action="store_true", help="leave out the broken files")
     p.add_argument("--num-no-audio", type=int, default=3, help="the first N videos get no audio track")
     p.add_argument("--num-audio-only", type=int, default=3, help="extra audio-only wav files")
     p.add_argument("--labels", choices=sorted(LABELS), default="product",
                    help="product: colour x pitch (A or V alone reach 50%%); shared: the same label in both (Table-3 demo)")
     p.add_argument("--video-agreement", type=float, default=None,
-                   help="shared labels: the fraction of clips whose colour matches the label (default 0.7)")
+                   help="shared labels: the fraction of clips whose colour matches the label (default 1)")
     args = p.parse_args()
     labels = make_demo(args.out, num_clips=args.num_clips, seed=args.seed, seconds=args.seconds, width=args.width,
                        height=args.height, broken=not args.no_broken, num_no_audio=args.num_no_audio,
-                       num_audio_only=args.num_audio_only, labels=args.labels, video_agreement=args.video_agreement)
+                       num_audio_only=args.num_audio_only, labels=args.labels, video_agreement=args.video_agreement,
+                       fps=args.fps, cue_size=args.cue_size)
     print(f"wrote {args.num_clips} clips and {labels}")
 
 

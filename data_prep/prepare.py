@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .build import Options, Part, build_shards
-from .labels import read_labels
+from .labels import hold_out_val, read_labels
 
 
 class CommandError(Exception):
@@ -28,6 +28,19 @@ def load_rows(args: argparse.Namespace) -> list:
             raise CommandError(f"--split-by-fold but {len(missing)} rows have no fold (first: row {missing[0]})")
         for r in rows:
             r.split = f"fold{r.fold}"
+    args.held_out = None
+    if getattr(args, "val_fraction", None) is not None:
+        if args.split_by_fold:
+            raise CommandError("--val-fraction and --split-by-fold: the folds are the splits (cross-validation "
+                               "has no val split)")
+        val = sum(r.split == "val" for r in rows)
+        if val:
+            raise CommandError(f"--val-fraction {args.val_fraction:g}: {args.labels} already has a val split "
+                               f"({val} rows); drop --val-fraction, or the val rows' split")
+        try:
+            args.held_out = hold_out_val(rows, args.val_fraction, args.val_seed)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
     return rows
 
 
@@ -47,6 +60,15 @@ def run(args: argparse.Namespace) -> dict:
     """One machine, or one part (--part K --parts N): returns the (part) manifest with its summary."""
     rows = load_rows(args)
     part = Part(args.part, args.parts) if args.part is not None else None
-    return build_shards(rows, videos=args.videos, out=args.out, options=options_of(args), workers=args.workers,
-                        splits=splits_of(args), timeout=args.timeout, stop_after_rows=args.stop_after_rows,
-                        progress=not args.quiet, part=part)
+    manifest = build_shards(rows, videos=args.videos, out=args.out, options=options_of(args), workers=args.workers,
+                            splits=splits_of(args), timeout=args.timeout, stop_after_rows=args.stop_after_rows,
+                            progress=not args.quiet, part=part, holdout=holdout_of(args))
+    manifest["summary"]["held_out_val"] = args.held_out
+    return manifest
+
+
+def holdout_of(args: argparse.Namespace) -> dict | None:
+    """--val-fraction's settings: a resumed run must draw the same val rows (the journal compares them)."""
+    if getattr(args, "val_fraction", None) is None:
+        return None
+    return {"val_fraction": args.val_fraction, "val_seed": args.val_seed}

@@ -80,6 +80,8 @@ def submit(args: argparse.Namespace) -> dict:
             raise CommandError(f"{len(failed)} of {len(todo)} parts failed (first: part {k}: {_last_line(e)}; "
                                f"log: {job.paths.stderr}); re-run the same command to redo only the failed parts")
     try:
-        return merge(out)
+        manifest = merge(out)
     except MergeError as e:
         raise CommandError(str(e)) from None
+    manifest["summary"]["held_out_val"] = args.held_out
+    return manifest

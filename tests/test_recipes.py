@@ -139,3 +139,35 @@ def test_esc50_is_a_fine_tuning_recipe_at_the_pretraining_length(tmp_path):
 def test_audioset_2m_recipes_decay_weights_and_scale_the_lr(name, tmp_path):
     cfg = recipe(name, tmp_path=tmp_path)
     assert cfg.optimizer.weight_decay > 0 and cfg.optimizer.lr_reference_batch
+
+
+@pytest.mark.parametrize("name", ["k400", "k400_video", "mbt_k400", "mbt_k400_video"])
+def test_kinetics_recipes_test_the_last_epoch_not_the_best_on_the_split_they_report(name, tmp_path):
+    cfg = recipe(name, tmp_path=tmp_path)
+    assert cfg.data.test_split == "val"  # the paper's Kinetics-400 numbers are on the validation set
+    assert cfg.trainer.limit_val_batches == 0 and cfg.callbacks.model_checkpoint.monitor is None
+    if name.startswith("mbt"):
+        assert cfg.task.loss_reduction == "sum_classes" and cfg.trainer.gradient_clip_val == 1.0
+    if name.endswith("video"):
+        assert list(cfg.data.modalities) == ["video"] and list(cfg.task.eval_inputs) == ["video"]
+
+
+def test_zorro_recipes_scale_the_specaugment_time_mask_with_their_audio_length(tmp_path):
+    """conf/model/zorro_*.yaml: AST's masks (48 of 128 bins, 192 of 1024 frames) halved for two masks and scaled to the
+    input; a recipe that changes audio_seconds sets time_mask with it."""
+    checked = 0
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        cfg = compose_cfg(overrides=[f"experiment={path.stem}"], output_dir=tmp_path)  # values left unset: fine here
+        if not cfg.model._target_.startswith("zorro.models.zorro") and "ZorroViT" not in cfg.model._target_:
+            continue
+        m = cfg.model
+        rule = (round(24 * m.n_mels / 128), round(96 * m.audio_seconds / 10.24))
+        assert (m.freq_mask, m.time_mask) == rule, path.stem
+        checked += 1
+    assert checked >= 15
+
+
+def test_zorro_hip_fine_tuning_rows_use_adam_with_weight_decay():
+    hip = [command for _, command in ROWS if "model=zorro_hip" in command
+           and any(f"experiment={e} " in command for e in ("as500k", "vggsound", "k400", "k400_video"))]
+    assert len(hip) == 4 and all("optimizer=adamw" in c for c in hip)

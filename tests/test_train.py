@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from hydra.utils import get_class
 
 from zorro.run import evaluate, train
@@ -61,21 +62,28 @@ def test_fast_dev_run_every_backbone_and_task(model, task, tmp_path, monkeypatch
 
 
 def test_progress_outside_a_terminal_is_one_line_per_n_steps(tmp_path, capfd, monkeypatch):
-    """Under pytest stderr is not a TTY, so progress=auto prints lines: 4 training batches, every 2 -> 2 lines,
-    a line at the end of validation and of the test, and no carriage-return bar updates."""
-    train(_tiny(tmp_path, "trainer.max_epochs=1", "progress_every_n_steps=2"))
+    """Under pytest stderr is not a TTY, so progress=auto prints lines: 4 training batches, every 2 -> 2 lines per
+    epoch, which say the epoch of how many and the fit's ETA, a line at the end of each validation and of the
+    test, and no carriage-return bar updates. log_every_n_steps=10 against these 4-step epochs logged no
+    train/loss at all: every epoch logs it now."""
+    train(_tiny(tmp_path, "trainer.max_epochs=2", "progress_every_n_steps=2", "logger=csv",
+                "trainer.log_every_n_steps=10"))
     out, err = capfd.readouterr()
-    lines = [line for line in (out + err).splitlines() if re.match(r"(epoch \d+  |test done)", line)]
-    assert "\r" not in out + err and len(lines) == 4, lines
-    assert re.fullmatch(r"epoch 0  step 2/4  train/loss \d+\.\d{3}  \d+\.\d it/s", lines[0])
-    assert lines[1].startswith("epoch 0  step 4/4  train/loss ")
-    assert re.fullmatch(r"epoch 0  validation done  val/loss \S+  val/num_clips 32  val/score \S+", lines[2])
-    assert lines[3].startswith("test done  test/loss ")
-    from zorro.callbacks import LineProgressBar, progress_bar
+    lines = [line for line in (out + err).splitlines() if re.match(r"(epoch \d+/\d+  |test done)", line)]
+    assert "\r" not in out + err and len(lines) == 7, lines
+    assert re.fullmatch(r"epoch 1/2  step 2/4  train/loss \d+\.\d{3}  \d+\.\d it/s  eta \d+:\d\d", lines[0])
+    assert lines[1].startswith("epoch 1/2  step 4/4  train/loss ")
+    assert re.fullmatch(r"epoch 1/2  validation done  val/loss \S+  val/num_clips 32  val/score \S+", lines[2])
+    assert lines[4].startswith("epoch 2/2  step 4/4  train/loss ") and lines[4].endswith("  eta 0:00")
+    assert lines[6].startswith("test done  test/loss ")
+    rows = list(csv.DictReader(open(next(tmp_path.glob("csv/*/metrics.csv")))))
+    assert {int(r["epoch"]) for r in rows if r.get("train/loss")} == {0, 1}, rows
+    from zorro.callbacks import LineProgressBar, TQDMBar, progress_bar
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     monkeypatch.delenv("CI", raising=False)
-    assert progress_bar("auto") == (True, [])  # a terminal: Lightning's tqdm bars
+    enabled, (bar,) = progress_bar("auto")
+    assert enabled and isinstance(bar, TQDMBar)  # a terminal: Lightning's tqdm bars (with evaluation totals)
     monkeypatch.setenv("CI", "true")
     enabled, (bar,) = progress_bar("auto", 7)
     assert enabled and isinstance(bar, LineProgressBar) and bar.every_n_steps == 7  # CI: lines, terminal or not
@@ -145,9 +153,11 @@ def test_ddp_two_cpu_processes(tmp_path):
 def test_masking_sweep_multirun(tmp_path):
     proc = run_script(ROOT / "train.py", "-m", "masking=zorro,two_streams,input_level,bottleneck", "debug=tiny",
                       "trainer.max_epochs=1", "data.num_train=16", "data.num_val=16", "data.num_test=16",
-                      f"hydra.sweep.dir={tmp_path}", "logger=csv")
+                      f"hydra.sweep.dir={tmp_path}", "logger=wandb", env={"WANDB_MODE": "offline"})
     jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").exists())
-    assert len(jobs) == 4 and any("two_streams" in j for j in jobs), (jobs, proc.stdout[-2000:])
+    # named by the swept key only (the rest is in each job's .hydra/overrides.yaml)
+    assert jobs == [f"{i}_masking-{m}" for i, m in enumerate(MASKINGS)], (jobs, proc.stdout[-2000:])
+    check_wandb_runs_per_job(tmp_path, "masking")
     for job in jobs:  # every run leaves its reports for people without W&B
         assert (tmp_path / job / "reports" / "test" / "confusion_matrix.png").exists()
     assert "sweep report" in proc.stdout and "| masking | V top1 | A top1 | A+V top1 |" in proc.stdout  # one command
@@ -164,6 +174,51 @@ def test_masking_sweep_multirun(tmp_path):
     log = proc.stdout + proc.stderr
     assert "\r" not in log and "step" in log
     assert log.count("GPU available: False") == 4, log[-3000:]
+    # the known-harmless library warnings (zorro.known_warnings) are not printed; W&B's run of another job is
+    # never reused
+    for noise in ("LeafSpec", "litlogger", "anonymous setting", "on_before_batch_transfer", "already in progress"):
+        assert noise not in log, noise
+
+
+def wandb_records(path):
+    """The protobuf records of an offline W&B run's .wandb file (a LevelDB-style log: a 7-byte header, then
+    32 KiB blocks of records, each with a crc, a length and a full/first/middle/last type); wandb.Api cannot
+    read offline runs."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, pending = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4) and pending:  # full, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def check_wandb_runs_per_job(sweep, key):
+    """Every job of the sweep has its own offline W&B run, named by its swept override and grouped by the sweep,
+    holding its own val/score only (Lightning reused job 0's run for every job: the later jobs had none)."""
+    groups = set()
+    for job in (p for p in sweep.iterdir() if (p / "metrics.json").exists()):
+        runs = list(job.glob("wandb/offline-run-*/*.wandb"))
+        assert len(runs) == 1, (job, runs)
+        records = list(wandb_records(runs[0]))
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        value = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert run.display_name == next(o for o in value if o.startswith(f"{key}="))
+        groups.add(run.run_group)
+        scores = [json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "history"
+                  for item in r.history.item if (item.key or "/".join(item.nested_key)) == "val/score"]
+        assert scores == [pytest.approx(json.loads((job / "metrics.json").read_text())["val/score"])], (job, scores)
+    assert len(groups) == 1 and groups != {""}, groups
 
 
 def test_self_supervised_table3_is_one_sweep(tmp_path):
@@ -201,8 +256,9 @@ def test_bad_overrides_give_one_line_errors(override, message, tmp_path):
 def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     """The SLURM launcher's local twin: each job of the sweep runs as its own submitit process."""
     run_script(ROOT / "train.py", "-m", "hydra/launcher=submitit_local", "masking=zorro,two_streams", "debug=tiny",
-               "trainer.max_epochs=1", "data.num_train=16", "data.num_val=16", "data.num_test=16", "logger=csv",
-               f"hydra.sweep.dir={tmp_path}")
-    jobs = [p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").exists()]
-    assert len(jobs) == 2
+               "trainer.max_epochs=1", "data.num_train=16", "data.num_val=16", "data.num_test=16", "logger=wandb",
+               f"hydra.sweep.dir={tmp_path}", env={"WANDB_MODE": "offline"})
+    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").exists())
+    assert jobs == ["0_masking-zorro", "1_masking-two_streams"]
     assert (tmp_path / ".submitit").is_dir()
+    check_wandb_runs_per_job(tmp_path, "masking")  # each job its own W&B run under submitit too

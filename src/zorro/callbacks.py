@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -131,11 +132,96 @@ class SkippedSamples(pl.Callback):
             dm.check_skipped(total, epochs=trainer.current_epoch - self.first_epoch + 1)
 
 
-class LineProgressBar(pl.callbacks.ProgressBar):
+class LogEveryEpoch(pl.Callback):
+    """Training metrics reach the loggers at least once per epoch. Lightning logs every `log_every_n_steps`
+    optimiser steps counted over the whole run, so an epoch shorter than that (small data: 4 steps against 10)
+    logged train/loss in only some epochs, or in none (metrics.csv without a train/loss). When fitting starts,
+    log_every_n_steps is lowered to the epoch's step count where that is smaller (added by zorro.run.build)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = trainer.num_training_batches
+        if not trainer.loggers or trainer.log_every_n_steps <= 0 or not math.isfinite(batches):
+            return
+        steps = max(1, int(batches) // max(1, trainer.accumulate_grad_batches))
+        if trainer.log_every_n_steps > steps:
+            log.info("log_every_n_steps %d -> %d: an epoch has %d optimiser steps, and every epoch logs",
+                     trainer.log_every_n_steps, steps, steps)
+            trainer.log_every_n_steps = steps
+
+
+class EvalTotals:
+    """For progress bars: the total of an evaluation loader without __len__ (the shard streams, whose `1/?` it
+    replaced) where it is known: the data module's count before reading (ShardDataModule.num_batches), else
+    the length of the previous complete pass of the same stage (evaluation streams are deterministic)."""
+
+    _STAGE = {"val": "val", "test": "test", "predict": "test"}  # the data module's split of each loop
+
+    def _known_total(self, stage: str, total):
+        if math.isfinite(total) or self.trainer.sanity_checking:
+            return total
+        datamodule, idx = self.trainer.datamodule, self._current_eval_dataloader_idx or 0
+        known = datamodule.num_batches(self._STAGE[stage]) if hasattr(datamodule, "num_batches") else None
+        if known is None:
+            known = getattr(self, "_passes", {}).get((stage, idx))
+        return total if known is None else known
+
+    def _note_batch(self, stage: str, batch_idx: int, dataloader_idx: int) -> None:
+        if not self.trainer.sanity_checking:
+            self.__dict__.setdefault("_counts", {})[(stage, dataloader_idx)] = batch_idx + 1
+
+    def _note_end(self, stage: str) -> None:
+        counts = self.__dict__.setdefault("_counts", {})
+        passes = self.__dict__.setdefault("_passes", {})
+        for key in [k for k in counts if k[0] == stage]:
+            passes[key] = counts.pop(key)
+
+    @property
+    def total_val_batches_current_dataloader(self):
+        return self._known_total("val", super().total_val_batches_current_dataloader)
+
+    @property
+    def total_test_batches_current_dataloader(self):
+        return self._known_total("test", super().total_test_batches_current_dataloader)
+
+    @property
+    def total_predict_batches_current_dataloader(self):
+        return self._known_total("predict", super().total_predict_batches_current_dataloader)
+
+
+class TQDMBar(EvalTotals, pl.callbacks.TQDMProgressBar):
+    """Lightning's bars on a terminal, with evaluation totals where they are known (EvalTotals)."""
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._note_batch("val", batch_idx, dataloader_idx)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._note_end("val")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._note_batch("test", batch_idx, dataloader_idx)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_test_end(trainer, pl_module)
+        self._note_end("test")
+
+
+def clock(seconds: float) -> str:
+    """0:07, 12:30, 3:04:05."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class LineProgressBar(EvalTotals, pl.callbacks.ProgressBar):
     """Progress as plain lines on stderr, for logs that are files (SLURM, `> log`, CI), where a tqdm bar writes a
     carriage-return update per step: a line every `every_n_steps` training batches and at an epoch's last, e.g.
-    `epoch 3  step 1200/5000  train/loss 2.310  4.1 it/s`; a line every `every_n_steps` batches of a long
-    evaluation, and one when it ends with its summary metrics (`val/score`, ...). Chosen by `progress` (train.yaml)."""
+    `epoch 3/50  step 1200/5000  train/loss 2.310  4.1 it/s  eta 1:02:13` (epochs counted from 1; the ETA of the
+    whole fit from its pace so far, validation included); a line every `every_n_steps` batches of a long
+    evaluation (`validation  batch 50/120`, with its total where it is known: EvalTotals), and one when it ends
+    with its summary metrics (`val/score`, ...). Chosen by `progress` (train.yaml)."""
 
     def __init__(self, every_n_steps: int = 50):
         super().__init__()
@@ -144,6 +230,7 @@ class LineProgressBar(pl.callbacks.ProgressBar):
         self.every_n_steps, self._enabled = every_n_steps, True
         self._last = (0.0, 0)  # (time, batch) of the previous line: a line's rate covers the batches since
         self._train_last, self._eval_started = self._last, 0.0
+        self._fit_start = (0.0, 0, float("inf"))  # (time, global step, total steps) when fitting started
 
     def disable(self) -> None:
         self._enabled = False
@@ -159,11 +246,32 @@ class LineProgressBar(pl.callbacks.ProgressBar):
     def _now() -> float:
         return time.perf_counter()
 
-    def _line(self, head: str, n: int, total, tail: str = "") -> None:
+    def _line(self, head: str, n: int, total, tail: str = "", eta: str = "") -> None:
         now, (then, before) = self._now(), self._last
         self._last = (now, n)
         of = "" if total == float("inf") else f"/{int(total)}"
-        self.print(f"{head} {n}{of}{tail}  {(n - before) / max(now - then, 1e-9):.1f} it/s")
+        self.print(f"{head} {n}{of}{tail}  {(n - before) / max(now - then, 1e-9):.1f} it/s{eta}")
+
+    def _epoch(self, trainer: pl.Trainer) -> str:
+        """`epoch 3/50`: counted from 1, of the epochs this fit will run (max_epochs, or fewer under max_steps)."""
+        total = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+        steps = int(trainer.num_training_batches) // max(1, trainer.accumulate_grad_batches) \
+            if math.isfinite(trainer.num_training_batches) else 0
+        if trainer.max_steps and trainer.max_steps > 0 and steps:
+            by_steps = math.ceil(trainer.max_steps / steps)
+            total = by_steps if total is None else min(total, by_steps)
+        return f"epoch {trainer.current_epoch + 1}" + (f"/{total}" if total else "")
+
+    def _eta(self, trainer: pl.Trainer) -> str:
+        started, first, total = self._fit_start
+        done = trainer.global_step - first
+        if done <= 0 or not math.isfinite(total):
+            return ""
+        return f"  eta {clock((self._now() - started) / done * max(total - trainer.global_step, 0))}"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = trainer.estimated_stepping_batches  # max_epochs x steps per epoch, or max_steps: inf if unknown
+        self._fit_start = (self._now(), trainer.global_step, float(total))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last = (self._now(), 0)
@@ -173,7 +281,7 @@ class LineProgressBar(pl.callbacks.ProgressBar):
         if n % self.every_n_steps == 0 or n == total:
             metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
             shown = "".join(f"  {k} {v:.3f}" if isinstance(v, float) else f"  {k} {v}" for k, v in metrics.items())
-            self._line(f"epoch {trainer.current_epoch}  step", n, total, shown)
+            self._line(f"{self._epoch(trainer)}  step", n, total, shown, self._eta(trainer))
 
     def _eval_start(self) -> None:
         self.reset_dataloader_idx_tracker()
@@ -182,16 +290,18 @@ class LineProgressBar(pl.callbacks.ProgressBar):
 
     def _eval_batch(self, stage: str, batch_idx: int, dataloader_idx: int) -> None:
         self.has_dataloader_changed(dataloader_idx)  # the base class's tracker, which its totals below read
+        self._note_batch({"validation": "val"}.get(stage, stage), batch_idx, dataloader_idx)
         total = getattr(self, f"total_{'val' if stage == 'validation' else stage}_batches_current_dataloader")
         n = batch_idx + 1
         if n % self.every_n_steps == 0 and n != total:
             self._line(f"{stage}  batch", n, total)
 
     def _eval_end(self, trainer: pl.Trainer, stage: str, prefix: str) -> None:
+        self._note_end({"validation": "val"}.get(stage, stage))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if k.startswith(prefix) and k.count("/") == 1 and torch.as_tensor(v).numel() == 1}
         shown = "".join(f"  {k} {v:.4g}" for k, v in sorted(metrics.items()))
-        epoch = f"epoch {trainer.current_epoch}  " if stage == "validation" else ""
+        epoch = f"{self._epoch(trainer)}  " if stage == "validation" else ""
         self.print(f"{epoch}{stage} done{shown}")
         then, before = self._train_last  # the next training line's rate leaves the evaluation's time out
         self._last = (then + self._now() - self._eval_started, before)
@@ -233,4 +343,6 @@ def progress_bar(mode: str = "auto", every_n_steps: int = 50) -> tuple[bool, lis
         raise ConfigError(f"progress: expected auto, bar, lines or none, got {mode!r}")
     if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
         raise ConfigError(f"progress_every_n_steps: expected a positive int, got {every_n_steps!r}")
-    return mode != "none", [LineProgressBar(every_n_steps=every_n_steps)] if mode == "lines" else []
+    if mode == "none":
+        return False, []
+    return True, [TQDMBar() if mode == "bar" else LineProgressBar(every_n_steps=every_n_steps)]

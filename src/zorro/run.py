@@ -14,16 +14,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import ConfigError, check_config
-from . import preemption
+from . import known_warnings, preemption
+from .config import ConfigError, check_config, job_overrides
 from .models import count_parameters
 from .eval.tables import metric_table, table3_line
 from .tasks.base import checkpoint_run, dataset_dict
 
 log = logging.getLogger("zorro")
+known_warnings.install()
 
 
 def _log_once() -> None:
@@ -34,15 +36,32 @@ def _log_once() -> None:
 
 
 def _fill_run_names(cfg: DictConfig) -> None:
-    """W&B run name from the command-line overrides, group from the sweep directory under -m."""
+    """W&B run name and group. Under -m: each job is named by its swept overrides (`masking=zorro`; the rest are in
+    its .hydra/overrides.yaml) and grouped by its sweep (the sweep directory, e.g. 2026-11-24/12-00-00); a single
+    run is named by its command-line overrides."""
     if not HydraConfig.initialized():
         return
     hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
     with open_dict(cfg):
         if not cfg.get("run_name"):
-            cfg.run_name = hc.job.override_dirname or "default"
-        if not cfg.get("group") and hc.mode == RunMode.MULTIRUN:
+            if multirun:
+                pairs = job_overrides(hc.overrides.task, hc.sweep.dir, hc.job.config.override_dirname.exclude_keys)
+                cfg.run_name = " ".join(f"{k}={v}" for k, v in pairs) or f"job {hc.job.num}"
+            else:
+                cfg.run_name = hc.job.override_dirname or "default"
+        if not cfg.get("group") and multirun:
             cfg.group = "/".join(Path(hc.sweep.dir).parts[-2:])  # e.g. 2026-11-24/12-00-00
+
+
+def finish_loggers(trainer: pl.Trainer | None, failed: bool = False) -> None:
+    """End this run's W&B run. Lightning's WandbLogger never finishes the run it starts, so the next job of a sweep
+    that runs in the same process (Hydra's basic launcher) was logged into it ("a wandb run already in progress ...
+    will reuse this run"): one run held every job's metrics and the later jobs had none of their own."""
+    for logger in (trainer.loggers if trainer is not None else []):
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:  # rank 0, and only if it started
+            logger._experiment.finish(exit_code=1 if failed else 0)
+            logger._experiment = None
 
 
 def build_task(cfg: DictConfig):
@@ -56,6 +75,7 @@ def build_task(cfg: DictConfig):
         if isinstance(e.__cause__, ConfigError):
             raise e.__cause__ from None
         raise
+    check_modalities(cfg, datamodule)
     try:
         backbone = instantiate(cfg.model)
     except InstantiationException as e:  # a constructor's validation (a bad routing table, a masking the
@@ -68,17 +88,45 @@ def build_task(cfg: DictConfig):
         if not hasattr(backbone, "load_pretrained"):
             raise ConfigError(f"pretrained: {type(backbone).__name__} has no ImageNet initialisation")
         log.info("%s: %s", cfg.pretrained, backbone.load_pretrained(cfg.pretrained))
-    if cfg.get("init_from"):  # fine-tuning: the backbone of a train.py checkpoint (e.g. CAV-MAE pre-training)
-        log.info("%s: %s", cfg.init_from, init_backbone(backbone, cfg.init_from))
-    if compile_wanted(cfg):
-        backbone.compile()
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     # (partial, then called: Hydra's instantiate reserves the keyword `config`); the resolved config and the
     # dataset info become the task's saved hyper-parameters, so every checkpoint can rebuild its run
     task = instantiate(cfg.task, _partial_=True, _convert_="all")(
         backbone=backbone, optimizer=instantiate(cfg.optimizer), scheduler=scheduler,
         config=OmegaConf.to_container(cfg, resolve=True), dataset=dataset_dict(datamodule.info))
+    if cfg.get("init_from"):  # fine-tuning: a train.py checkpoint's backbone, or an official release file
+        log.info("%s: %s", cfg.init_from, init_backbone(backbone, cfg.init_from, heads=getattr(task, "heads", None)))
+    if compile_wanted(cfg):
+        backbone.compile()
     return datamodule, task
+
+
+# Recipes for data with one modality, named when a config asks for the other one.
+ONE_MODALITY_RECIPES = {"audio": "experiment=esc50_scratch", "video": "experiment=k400_video"}
+
+
+def check_modalities(cfg: DictConfig, datamodule) -> None:
+    """A run that needs a modality its data lacks stops here with one line: the shards' manifest counts the clips
+    with audio and with video. A run needs what it reads (data.modalities) and what it scores (task.eval_inputs:
+    audio_video needs both; tasks without them, contrastive and CAV-MAE, pair the two)."""
+    counts = datamodule.modality_counts() if hasattr(datamodule, "modality_counts") else None
+    if not counts:
+        return
+    reads = set(cfg.data.get("modalities") or ("audio", "video"))
+    scores = cfg.task.get("eval_inputs")
+    needs = reads | ({m for inputs in scores for m in str(inputs).split("_")} if scores is not None
+                     else {"audio", "video"})
+    absent = [m for m in ("audio", "video") if counts[m] == 0 and m in needs]
+    if not absent:
+        return
+    m = absent[0]
+    present = "audio" if m == "video" else "video"
+    asked = f"data.modalities={sorted(reads)}" + (f", task.eval_inputs={list(scores)}" if scores is not None else
+                                                   f", {cfg.task._target_.rsplit('.', 1)[-1]} (pairs both)")
+    raise ConfigError(f"data: no clip of {cfg.data.get('root', 'the data')} has {m} (its manifest: {present} in "
+                      f"{counts[present]} clips, {m} in 0) but this run needs it ({asked}); for {present}-only data "
+                      f"use {ONE_MODALITY_RECIPES[present]}, or data.modalities=[{present}] "
+                      f"task.eval_inputs=[{present}]".replace("'", ""))
 
 
 def compile_wanted(cfg: DictConfig) -> bool:
@@ -92,19 +140,37 @@ def compile_wanted(cfg: DictConfig) -> bool:
     return value
 
 
-def init_backbone(backbone, path: str):
-    """Copy the `backbone.*` weights of a checkpoint into `backbone`; the rest (heads, projectors) and what the
-    backbone lacks (a pre-training decoder when it is built without one) are listed as unused in the report."""
-    from .models.pretrained import load_into, load_state
+def init_backbone(backbone, path: str, heads=None):
+    """Copy the `backbone.*` weights of a train.py checkpoint into `backbone`; the rest (the source run's heads,
+    projectors) and what the backbone lacks (a pre-training decoder when it is built without one) are listed as
+    unused in the report. A file without `backbone.*` keys is an official release in the backbone's own layout,
+    read by its `load_official` (CAV-MAE: a fine-tuned release also fills `heads`). A file of which no tensor
+    fits is a one-line error (image weights go through `pretrained=`, which converts them)."""
+    from .models.pretrained import LoadReport, Unused, load_into, load_state
 
-    return load_into(backbone, load_state(path),
-                     rename=lambda key: key.removeprefix("backbone.") if key.startswith("backbone.") else None)
+    state = load_state(path)
+    if any(k.startswith("backbone.") for k in state):
+        report = load_into(backbone, state, rename=lambda key: key.removeprefix("backbone.") if key.startswith(
+            "backbone.") else Unused("not the backbone (the source run's heads / projectors)"))
+    elif hasattr(backbone, "load_official"):
+        report = backbone.load_official(state, heads=heads)
+    else:
+        report = LoadReport()
+    if not report.loaded:
+        keys = ", ".join(list(state)[:3])
+        raise ConfigError(f"init_from: none of the {len(state)} tensors of {path} fits {type(backbone).__name__} "
+                          f"(keys like {keys}); give a train.py checkpoint of this model or its official release "
+                          "(image weights: pretrained=)")
+    return report
 
 
 def build(cfg: DictConfig):
     """Instantiate (datamodule, task, trainer) from a composed config."""
     datamodule, task = build_task(cfg)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger._wandb_init = known_warnings.wandb_init_kwargs(logger._wandb_init)
     callbacks = []
     for name, c in (cfg.get("callbacks") or {}).items():
         if not c or "_target_" not in c:
@@ -112,10 +178,10 @@ def build(cfg: DictConfig):
         if name == "lr_monitor" and not loggers:  # LearningRateMonitor refuses to run without a logger
             continue
         callbacks.append(instantiate(c))
-    from .callbacks import progress_bar
+    from .callbacks import LogEveryEpoch, progress_bar
 
     show_progress, progress = progress_bar(cfg.get("progress", "auto"), cfg.get("progress_every_n_steps", 50))
-    callbacks += progress
+    callbacks += [*progress, LogEveryEpoch()]
     if not datamodule.has_split("val"):  # nothing to monitor: no best-*.ckpt (and no "could not find val/score")
         callbacks = [c for c in callbacks if not (isinstance(c, pl.callbacks.ModelCheckpoint) and c.monitor)]
     if "SLURMEnvironment" in str(cfg.trainer.get("plugins")) and "SLURM_PROCID" not in os.environ:
@@ -149,6 +215,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
                      if isinstance(c, pl.callbacks.ModelCheckpoint) and c.dirpath and c.filename), None)
         log.warning("no validation split (data has no %r samples): no validation and no best-*.ckpt; the test "
                     "uses the last weights (%s)", _val_split_name(cfg), last or "no checkpoint written")
+    failed = True
+    try:
+        metrics = _train(cfg, datamodule, task, trainer)
+        failed = False
+        return metrics
+    finally:  # this job's W&B run ends with it (the next job of a sweep gets its own)
+        finish_loggers(trainer, failed)
+
+
+def _train(cfg: DictConfig, datamodule, task, trainer: pl.Trainer) -> dict[str, float]:
     if cfg.get("train", True):
         try:
             trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -165,6 +241,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                   f"ckpt_path={best}`", file=sys.stderr, flush=True)
             raise SystemExit(preemption.stop(trainer)) from None
         metrics.update(_scalars(trainer.callback_metrics))
+        check_scored(datamodule, trainer, metrics, "test", "test")
         _report(metrics, "test", settings)
     out = Path(cfg.paths.output_dir) if cfg.get("paths") else None
     if cfg.get("linear_probe") and not trainer.fast_dev_run:
@@ -235,15 +312,18 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     _, run = rebuild_run(cfg, path, TRAIN_OWN, mmap=True)
     applied, ignored = [], []
     with open_dict(run):
-        for override in _command_line_overrides() or []:
-            key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        overrides = _command_line_overrides() or []
+        for override, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+            key = parsed.key_or_group
             if key == "ckpt_path" or key.split(".")[0] in TRAIN_OWN:
                 continue  # the command's own anyway
-            if "." not in key and key not in cfg:  # a group that composes into others (experiment, debug, masking)
-                ignored.append(override)
+            if parsed.package or "." not in key and key not in cfg:  # a group that composes into other keys
+                ignored.append(override)  # (experiment, debug, masking): its values are in the checkpoint's config
                 continue
             value = OmegaConf.select(cfg, key, default=_ABSENT)
-            if value is _ABSENT:  # ~key: deleted
+            if parsed.is_delete() or value is _ABSENT:  # ~key
                 parent, _, leaf = key.rpartition(".")
                 node = OmegaConf.select(run, parent) if parent else run
                 if isinstance(node, DictConfig) and leaf in node:
@@ -306,7 +386,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run.data = eval_data(cfg, run)
         run.trainer = cfg.trainer
         if "eval_inputs" in run.task:  # supervised checkpoints: how the V / A / A+V settings are evaluated
-            run.task.eval_inputs = list(cfg.eval_inputs)
+            if cfg.get("eval_inputs") is not None:  # (null: the checkpoint's own, e.g. [audio] for ESC-50)
+                run.task.eval_inputs = list(cfg.eval_inputs)
             for key in ("unimodal_eval", "zero_input"):
                 if cfg.get(key) is not None:
                     run.task[key] = cfg[key]
@@ -316,18 +397,59 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("protocol", "test") == "linear_probe":
         return _linear_probe(cfg, run, ckpt, split)
     datamodule, task, trainer = build(run)
+    failed = True
+    try:
+        metrics = _evaluate(cfg, ckpt, split, datamodule, task, trainer)
+        failed = False
+        return metrics
+    finally:
+        finish_loggers(trainer, failed)
+
+
+def _evaluate(cfg: DictConfig, ckpt: dict, split: str, datamodule, task, trainer: pl.Trainer) -> dict[str, float]:
     if not datamodule.has_split(split):
-        raise ConfigError(f"split: the data has no {split!r} split")
+        have = sorted(getattr(datamodule, "manifest", {}).get("splits", {}))
+        raise ConfigError(f"split: the data has no {split!r} split" + (f" (it has {', '.join(have)})" if have else ""))
+    check_classes(checkpoint_run(ckpt)[1], datamodule.info)
     for logger in trainer.loggers:
         logger.log_hyperparams({"ckpt_path": str(cfg.ckpt_path), "split": split, **checkpoint_run(ckpt)[0]})
     run_eval = trainer.test if split == "test" else trainer.validate
     run_eval(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
     metrics = _scalars(trainer.callback_metrics)
     settings = task.eval_settings() if hasattr(task, "eval_settings") else None
+    check_scored(datamodule, trainer, metrics, "test" if split == "test" else "val", split)
     _report(metrics, "test" if split == "test" else "val", settings)
     if trainer.is_global_zero:
         _save_metrics(Path(cfg.paths.output_dir), metrics, settings)
     return metrics
+
+
+def check_classes(trained, data) -> None:
+    """The checkpoint's classes are the data's, in the same order (else every score compares other classes)."""
+    if trained is None or not trained.class_names or not data.class_names or trained.class_names == data.class_names:
+        return
+    a, b = list(trained.class_names), list(data.class_names)
+    only = lambda x, y: ", ".join([c for c in x if c not in y][:5]) or "none"  # noqa: E731
+    what = (f"the same {len(a)} classes in another order" if sorted(a) == sorted(b) else
+            f"only in the checkpoint: {only(a, b)}; only in the data: {only(b, a)}")
+    raise ConfigError(f"the checkpoint was trained on {len(a)} classes, data.root has {len(b)} ({what}); "
+                      f"evaluate on shards written with the checkpoint's class list")
+
+
+def check_scored(datamodule, trainer, metrics: dict[str, float], stage: str, split: str) -> None:
+    """An evaluation scored every clip its split holds: a shard that ended early or unreadable clips would
+    otherwise give a score over part of the split (the warnings above name them)."""
+    expected = datamodule.split_size(split) if hasattr(datamodule, "split_size") else 0
+    limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
+    if not expected or limit != 1.0:  # trainer.limit_*_batches asked for part of the split
+        return
+    scored = int(metrics.get(f"{stage}/num_clips", 0))
+    if scored < expected:
+        from .data.stream import DataError
+
+        raise DataError(f"the {split!r} evaluation scored {scored} of the {expected} clips its manifest lists: "
+                        f"shards or clips were unreadable (the warnings above name them); no {stage} metrics "
+                        f"are reported")
 
 
 def _save_metrics(out: Path, metrics: dict[str, float], settings: dict | None) -> None:
@@ -360,13 +482,18 @@ def run_probe(probe_cfg: DictConfig, datamodule, trainer: pl.Trainer, task, spli
 
 def _linear_probe(cfg: DictConfig, run: DictConfig, ckpt: dict, split: str) -> dict[str, float]:
     datamodule, task, trainer = build(run)
-    task.load_state_dict(ckpt["state_dict"])
-    out = Path(cfg.paths.output_dir)
-    metrics, settings = run_probe(cfg.probe, datamodule, trainer, task, split, out)
-    if trainer.is_global_zero:
-        _save_metrics(out, metrics, settings)
-        log.info("linear-probe features written to %s", out / "features")
-    return metrics
+    failed = True
+    try:
+        task.load_state_dict(ckpt["state_dict"])
+        out = Path(cfg.paths.output_dir)
+        metrics, settings = run_probe(cfg.probe, datamodule, trainer, task, split, out)
+        if trainer.is_global_zero:
+            _save_metrics(out, metrics, settings)
+            log.info("linear-probe features written to %s", out / "features")
+        failed = False
+        return metrics
+    finally:
+        finish_loggers(trainer, failed)
 
 
 def _scalars(metrics: dict) -> dict[str, float]:

@@ -38,8 +38,9 @@ def clip_members(key: str, *, seconds: float, label_ids: list[int], has_audio=Tr
     return sample
 
 
-def write_shards(root, splits: dict[str, list[list[dict]]], *, multi_label=False) -> None:
-    """splits: name -> shards -> samples. Writes the tars and manifest.json."""
+def write_shards(root, splits: dict[str, list[list[dict]]], *, multi_label=False, counted=True) -> None:
+    """splits: name -> shards -> samples. Writes the tars and manifest.json (with the clips with audio / video
+    counted per shard, split and in all, as data_prep writes it; counted=False: as it wrote it before)."""
     import webdataset as wds
 
     root.mkdir(parents=True, exist_ok=True)
@@ -53,8 +54,21 @@ def write_shards(root, splits: dict[str, list[list[dict]]], *, multi_label=False
                 for s in samples:
                     sink.write(s)
             entries.append({"name": name, "num_samples": len(samples)})
-        manifest["splits"][split] = {"num_samples": sum(e["num_samples"] for e in entries), "shards": entries}
+            if counted:
+                for m in ("audio", "video"):
+                    entries[-1][f"num_{m}"] = sum(_has(s, m) for s in samples)
+        keys = ("num_samples", "num_audio", "num_video") if counted else ("num_samples",)
+        manifest["splits"][split] = {**{k: sum(e[k] for e in entries) for k in keys}, "shards": entries}
+    if counted:
+        manifest["modalities"] = {m: sum(s[f"num_{m}"] for s in manifest["splits"].values()) for m in ("audio", "video")}
     (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _has(sample: dict, modality: str) -> bool:
+    try:
+        return bool(json.loads(sample["json"]).get(f"has_{modality}"))
+    except (KeyError, ValueError, AttributeError):  # the corrupt samples of test_bad_samples
+        return False
 
 
 def make_clips(prefix: str, n: int, *, multi_label=False) -> list[dict]:

@@ -2,13 +2,18 @@
 other frame sizes, checkpointing and no_weight_decay): the paper's parameter counts, frame averaging, the masking
 modes, MAE targets, the official fbank, and loading image MAE / CAV-MAE weights."""
 
+import re
+
 import pytest
 import timm
 import torch
 import torchaudio
 
+from zorro.data.info import DatasetInfo
 from zorro.models import cav_mae_base, cav_mae_tiny, count_parameters
 from zorro.models.cav_mae import KaldiFbank, random_masking
+from zorro.run import init_backbone
+from zorro.tasks.supervised import SupervisedTask
 
 from .helpers import inputs
 
@@ -140,13 +145,173 @@ def test_load_pretrained_from_an_image_vit(tmp_path):
     assert "modality_a" in report.missing and "decoder_blocks.0.attn.qkv.weight" in report.missing
 
 
+# -- official CAV-MAE files (github.com/yuangongnd/cav-mae): layout, and a reference forward from their tensors ----
+def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Every LayerNorm and bias (and learned position) different: a fresh init has identical norms and zero biases,
+    under which a norm loaded into the wrong place goes unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or name.startswith("pos_embed"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def official_file(model, path, head: torch.nn.Linear | None = None) -> dict:
+    """Save `model` as the official code does: DataParallel `module.` keys, the sin-cos tables saved as
+    parameters, the fine-tuning head as `mlp_head` (LayerNorm + Linear)."""
+    state = {k.replace("head_norm.", "mlp_head.0."): v for k, v in model.state_dict().items()}
+    for name in ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v"):
+        if hasattr(model, name):
+            state.setdefault(name, getattr(model, name).detach().clone())
+    g = torch.Generator().manual_seed(2)
+    for key in [k for k in state if re.fullmatch(r"(blocks_[av]|decoder_blocks)\.\d+\.norm[12]\.(weight|bias)", k)]:
+        for stream in ("_a", "_v"):  # the official Block builds them in every layer; its forward reads them in E_j only
+            name = key.replace(".norm1.", f".norm1{stream}.").replace(".norm2.", f".norm2{stream}.")
+            state[name] = torch.randn(state[key].shape, generator=g)
+    if head is not None:
+        state.update({"mlp_head.1.weight": head.weight.detach(), "mlp_head.1.bias": head.bias.detach()})
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    return state
+
+
+def reference_features(state: dict, spec: torch.Tensor, frame: torch.Tensor, heads: int = 4) -> dict:
+    """The official forward (forward_feat and CAVMAEFT's modes) written from an official state dict by its names."""
+    F_ = torch.nn.functional
+
+    def ln(x, name):
+        return F_.layer_norm(x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps=1e-5)
+
+    def block(x, b, suffix=""):
+        B, N, C = x.shape
+        h = ln(x, f"{b}.norm1{suffix}")
+        q, k, v = F_.linear(h, state[f"{b}.attn.qkv.weight"], state[f"{b}.attn.qkv.bias"]).view(
+            B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-1, -2)) * (C // heads) ** -0.5).softmax(-1) @ v
+        x = x + F_.linear(attn.transpose(1, 2).reshape(B, N, C), state[f"{b}.attn.proj.weight"], state[f"{b}.attn.proj.bias"])
+        h = F_.gelu(F_.linear(ln(x, f"{b}.norm2{suffix}"), state[f"{b}.mlp.fc1.weight"], state[f"{b}.mlp.fc1.bias"]))
+        return x + F_.linear(h, state[f"{b}.mlp.fc2.weight"], state[f"{b}.mlp.fc2.bias"])
+
+    def embed(x, m):
+        x = F_.conv2d(x, state[f"patch_embed_{m}.proj.weight"], state[f"patch_embed_{m}.proj.bias"], stride=16)
+        x = x.flatten(2).transpose(1, 2) + state[f"pos_embed_{m}"] + state[f"modality_{m}"]
+        for i in range(len({k.split(".")[1] for k in state if k.startswith(f"blocks_{m}.")})):
+            x = block(x, f"blocks_{m}.{i}")
+        return x
+
+    a, v = embed(spec, "a"), embed(frame, "v")
+    out = {"joint": ln(block(torch.cat([a, v], 1), "blocks_u.0"), "norm").mean(1),
+           "audio": ln(block(a, "blocks_u.0", "_a"), "norm_a").mean(1),
+           "video": ln(block(v, "blocks_u.0", "_v"), "norm_v").mean(1)}
+    out["missingaudioonly"] = (ln(block(a, "blocks_u.0"), "norm").mean(1) + out["audio"]) / 2
+    out["missingvideoonly"] = (ln(block(v, "blocks_u.0"), "norm").mean(1) + out["video"]) / 2
+    return out
+
+
+@pytest.mark.parametrize("path", ["pretrained", "init_from"])
+def test_an_official_pretrained_file_with_distinct_norms_loads_exactly(tmp_path, path):
+    """norm, norm_a and norm_v (and every joint-layer norm) each land in their own place: the retrieval embeddings
+    (audio, video) and the joint output equal the official forward on the file's tensors; every key of the file is
+    loaded or named unused with its reason."""
+    torch.manual_seed(0)
+    source = perturbed(cav_mae_tiny(n_mels=128, audio_frames=64, audio_seconds=0.64, audio_noise=False))
+    state = official_file(source, tmp_path / "official.pth")
+    assert not torch.equal(state["norm_a.weight"], state["norm.weight"])
+    target = cav_mae_tiny(n_mels=128, audio_frames=64, audio_seconds=0.64)
+    report = target.load_pretrained(tmp_path / "official.pth") if path == "pretrained" else \
+        init_backbone(target, str(tmp_path / "official.pth"))
+    assert set(report.sources.values()) | set(report.unexpected) == set(state)
+    assert not report.missing and not report.mismatched
+    for key in report.unexpected:  # the fixed tables (equal to the built ones), the per-stream norms no layer reads
+        assert ("sin-cos" if "pos_embed" in key else "per-stream LayerNorms") in report.reasons[key], key
+    audio, video = inputs(seconds=0.64)
+    target.eval()
+    with torch.no_grad():
+        out = target(audio=audio, video=video[:, :1])
+        spec = target.audio_input(audio, None, 2, spec_augment=False)
+        ref = reference_features(state, spec, target.video_input(video[:, :1], None, 2)[:, 0])
+    for ours, theirs in (("audio", "audio"), ("video", "video"), ("global", "joint")):
+        torch.testing.assert_close(out[ours], ref[theirs], msg=ours)
+
+
+def test_an_official_pretrained_file_into_the_finetuning_model_names_the_decoder_unused(tmp_path):
+    state = official_file(perturbed(cav_mae_tiny()), tmp_path / "official.pth")
+    model = cav_mae_tiny(decoder_depth=0, head="official", trainable_pos=True)
+    report = model.load_pretrained(tmp_path / "official.pth")
+    assert set(report.sources.values()) | set(report.unexpected) == set(state)
+    decoder = [k for k in state if k.startswith(("decoder", "mask_token"))]
+    assert decoder and all("decoder" in report.reasons[k] for k in decoder)
+    assert {"pos_embed_a", "pos_embed_v"} <= set(report.loaded)  # learned positions start from the file's
+    assert set(report.missing) == {"head_norm.weight", "head_norm.bias"}  # the new head
+    assert "unused" in str(report) and "decoder_depth=0" in str(report)
+
+
+def test_an_official_finetuned_file_loads_into_the_recipe_model_and_scores(tmp_path):
+    """The fine-tuning recipe's model (head=official, trainable_pos) and task head take an official CAVMAEFT file
+    (mlp_head = LayerNorm + Linear, learned positions) through init_from: the logits of A+V, A only and V only
+    equal the official multimodal / missingaudioonly / missingvideoonly modes on the file's tensors."""
+    torch.manual_seed(0)
+    kw = dict(n_mels=128, audio_frames=64, audio_seconds=0.64, decoder_depth=0, head="official", trainable_pos=True)
+    source, classifier = perturbed(cav_mae_tiny(**kw)), torch.nn.Linear(64, 5)
+    state = official_file(source, tmp_path / "ft.pth", head=classifier)
+    backbone = cav_mae_tiny(**kw, audio_noise=False)
+    task = SupervisedTask(backbone=backbone, dataset=DatasetInfo(num_classes=5, multi_label=True),
+                          optimizer=torch.optim.Adam)
+    report = init_backbone(backbone, str(tmp_path / "ft.pth"), heads=task.heads)
+    assert set(report.sources.values()) | set(report.unexpected) == set(state) and not report.missing
+    assert all("per-stream LayerNorms" in report.reasons[k] for k in report.unexpected)
+    audio, video = inputs(seconds=0.64)
+    batch = {"audio": audio, "video": video[:, :1], "label": torch.zeros(2, 5)}
+    task.eval()
+    with torch.no_grad():
+        spec = backbone.audio_input(audio, None, 2, spec_augment=False)
+        ref = reference_features(state, spec, backbone.video_input(video[:, :1], None, 2)[:, 0])
+        for inputs_, mode in (("audio_video", "joint"), ("audio", "missingaudioonly"), ("video", "missingvideoonly")):
+            probs = task.predict_probs(batch, inputs_)["global"]
+            expected = torch.nn.functional.layer_norm(ref[mode], (64,), state["mlp_head.0.weight"],
+                                                      state["mlp_head.0.bias"]) @ state["mlp_head.1.weight"].T
+            torch.testing.assert_close(probs, (expected + state["mlp_head.1.bias"]).sigmoid(), msg=inputs_)
+    assert task.output_names == ("global",)
+
+
+def test_a_finetuned_file_for_other_classes_leaves_the_head_and_says_why(tmp_path):
+    kw = dict(decoder_depth=0, head="official", trainable_pos=True)
+    official_file(cav_mae_tiny(**kw), tmp_path / "ft.pth", head=torch.nn.Linear(64, 7))
+    backbone = cav_mae_tiny(**kw)
+    task = SupervisedTask(backbone=backbone, dataset=DatasetInfo(num_classes=5, multi_label=False),
+                          optimizer=torch.optim.Adam)
+    report = init_backbone(backbone, str(tmp_path / "ft.pth"), heads=task.heads)
+    assert "7 classes" in report.reasons["mlp_head.1.weight"]
+
+
+def test_a_trained_position_table_is_not_silently_dropped_by_a_fixed_model(tmp_path):
+    kw = dict(decoder_depth=0, head="official", trainable_pos=True)
+    official_file(perturbed(cav_mae_tiny(**kw)), tmp_path / "ft.pth")
+    report = cav_mae_tiny(decoder_depth=0).load_pretrained(tmp_path / "ft.pth")
+    assert "trainable_pos=true" in report.reasons["pos_embed_a"]
+    assert "head=per_output" in report.reasons["mlp_head.0.weight"]
+
+
 def test_a_cav_mae_state_dict_loads_by_name(tmp_path):
-    source, target = cav_mae_tiny(), cav_mae_tiny()
+    source, target = perturbed(cav_mae_tiny()), cav_mae_tiny()
     torch.save(source.state_dict(), tmp_path / "cav_mae.pth")
     report = target.load_pretrained(tmp_path / "cav_mae.pth")
     assert not report.missing and not report.unexpected and not report.mismatched
     for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_spec_augment_masks_the_raw_log_mel_with_zero():
+    """As the official loader: SpecAugment before normalisation, so a masked band is (0 - mean) / std."""
+    torch.manual_seed(0)
+    model = cav_mae_tiny(spec_augment=True, audio_noise=False, freq_mask=24, time_mask=24).train()
+    audio, _ = inputs()
+    spec = model.audio_input(audio, None, 2, spec_augment=True)
+    clean = model.audio_frontend(audio)
+    changed = spec != clean
+    fill = (0 - model.audio_frontend.mean) / model.audio_frontend.std
+    assert changed.any()
+    torch.testing.assert_close(spec[changed], torch.full_like(spec[changed], fill))
 
 
 def test_pretraining_checkpoints_every_block_including_the_decoder(checkpoint_calls):

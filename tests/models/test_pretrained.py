@@ -2,8 +2,10 @@ import pytest
 import timm
 import torch
 
-from zorro.models import zorro_vit_tiny
+from zorro.config import ConfigError
+from zorro.models import cav_mae_tiny, zorro_vit_tiny
 from zorro.models.pretrained import load_into, load_state
+from zorro.run import init_backbone
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +57,61 @@ def test_load_state_needs_a_local_file(tmp_path):
     torch.save({"a": 1}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="not a state dict"):
         load_state(tmp_path / "bad.pth")
+
+
+def test_a_model_tensor_written_twice_is_an_error(vit_file):
+    _, path = vit_file
+    model = zorro_vit_tiny()
+    state = load_state(path)
+    with pytest.raises(ValueError, match="both map to 'video_pos'"):
+        load_into(model, {"pos_embed": state["pos_embed"], "other": state["pos_embed"]},
+                  rename=lambda key: "video_pos", pos_grids={"video_pos": (4, 4, 4)})
+
+
+@pytest.mark.parametrize("build", [zorro_vit_tiny, cav_mae_tiny])
+def test_init_from_a_file_that_does_not_fit_is_a_one_line_error(tmp_path, build):
+    torch.save({"encoder.layer.0.weight": torch.zeros(3, 3), "classifier.bias": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="none of the 2 tensors of .*other.pth fits") as error:
+        init_backbone(build(), str(tmp_path / "other.pth"))
+    assert "\n" not in str(error.value)
+
+
+def test_init_from_a_train_checkpoint_loads_the_backbone_and_names_the_rest(tmp_path):
+    source = cav_mae_tiny()
+    torch.save({"state_dict": {**{f"backbone.{k}": v for k, v in source.state_dict().items()},
+                               "heads.global.weight": torch.zeros(3, 64)}}, tmp_path / "run.ckpt")
+    report = init_backbone(cav_mae_tiny(), str(tmp_path / "run.ckpt"))
+    assert not report.missing and report.unexpected == ["heads.global.weight"]
+    assert "heads" in report.reasons["heads.global.weight"]
+@pytest.mark.parametrize("factory,seconds", [("zorro_vit_tiny", 2.56), ("zorro_vit_tiny", 0.64), ("zorro_hip_tiny", 2.56),
+                                             ("mbt_tiny", 0.64)])  # longer and shorter than the checkpoint's 1.28 s
+def test_init_from_another_audio_length_resamples_the_audio_positions_along_time(factory, seconds, tmp_path):
+    """Fine-tuning from a checkpoint of another audio length (S2's 5.12 s -> AS-500k's 8 s or K400's 2.56 s):
+    `init_from` resamples the audio position table along time by value, the function the model applies to a
+    longer input, instead of keeping its initialisation."""
+    from zorro import models
+    from zorro.models.layers import resample_pos_embed
+    from zorro.run import init_backbone
+
+    torch.manual_seed(0)
+    source = getattr(models, factory)()  # 1.28 s
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "pre.ckpt")
+    target = getattr(models, factory)(audio_seconds=seconds)
+    report = init_backbone(target, str(tmp_path / "pre.ckpt"))
+    (key, (grid, axis)), = [(k, t) for k, t in target.position_tables().items() if k.startswith("audio")]
+    old_grid = list(grid)
+    old_grid[axis] = source.position_tables()[key][0][axis]
+    table = target.state_dict()[key]
+    assert old_grid != list(grid) and not report.mismatched and key not in report.missing
+    assert any(k == key for k, *_ in report.resized)
+    torch.testing.assert_close(table, resample_pos_embed(source.state_dict()[key], old_grid, grid))
+    video = [k for k in target.position_tables() if k.startswith("video")][0]
+    torch.testing.assert_close(target.state_dict()[video], source.state_dict()[video])  # same frames: copied
+    if factory == "zorro_vit_tiny":  # the fine-tuned model starts where the pre-trained one is on this length
+        from .helpers import inputs
+
+        audio, _ = inputs()
+        audio = audio.repeat(1, 2)[:, : round(seconds * 16_000)]  # the target's length
+        with torch.no_grad():
+            ours, pretrained = target.eval().embed_audio(audio, None, 2), source.eval().embed_audio(audio, None, 2)
+        torch.testing.assert_close(ours, pretrained)

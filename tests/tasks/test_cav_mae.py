@@ -140,3 +140,32 @@ def test_pretrain_then_finetune_from_the_checkpoint(tmp_path):
         assert torch.equal(value, saved[f"backbone.{key}"]), key
     metrics = train(fine)
     assert "test/audio_video/avg/top1" in metrics
+
+
+def test_contrastive_batch_contrasts_within_groups_of_clips():
+    """contrastive_batch=N: the official per-GPU NCE (DataParallel's chunks), each group's clips its only negatives,
+    the groups' losses averaged; samples without a pair leave their group."""
+    torch.manual_seed(0)
+    z = {m: F.normalize(torch.randn(6, 8), dim=-1) for m in ("audio", "video")}
+    valid = torch.tensor([True, True, True, True, False, True])
+    loss, accuracy = make_task(contrastive_batch=3).grouped_nce(z, valid)
+    first = cav_nce(z["audio"][:3], z["video"][:3], temperature=0.05)
+    second = cav_nce(z["audio"][[3, 5]], z["video"][[3, 5]], temperature=0.05)
+    torch.testing.assert_close(loss, (first[0] + second[0]) / 2)
+    torch.testing.assert_close(accuracy, (first[1] + second[1]) / 2)
+    everyone = make_task().contrastive_loss({"audio": z["audio"][:4], "video": z["video"][:4]}, {
+        "audio": torch.zeros(4, 1), "video": torch.zeros(4, 1)})[0]
+    torch.testing.assert_close(everyone, cav_nce(z["audio"][:4], z["video"][:4], temperature=0.05)[0])
+    with pytest.raises(ValueError, match="contrastive_batch"):
+        make_task(contrastive_batch=1)
+
+
+def test_the_recipes_batch_and_negatives_are_the_papers():
+    """cav_mae_pretrain: batch 48 with NCE groups of 12 (48 on 4 GPUs) and the LR read at batch 48;
+    cav_mae_finetune: the official head, learned positions, smoothing and 10x head LR."""
+    pre = compose_cfg(overrides=["experiment=cav_mae_pretrain", "data.root=x", "pretrained=x"])
+    assert (pre.data.batch_size, pre.task.contrastive_batch, pre.optimizer.lr_reference_batch) == (48, 12, 48)
+    fine = compose_cfg(overrides=["experiment=cav_mae_finetune", "data.root=x", "init_from=x"])
+    assert (fine.model.head, fine.model.trainable_pos, fine.task.smoothing, fine.task.head_lr_scale) == (
+        "official", True, "cav_mae", 10)
+    assert (fine.data.batch_size, fine.optimizer.lr_reference_batch) == (48, 48)

@@ -39,8 +39,48 @@ def test_mbt_shares_one_classifier_and_averages_logits(multi_label):
     assert not torch.allclose(probs["avg"], (probs["audio"] + probs["video"]) / 2)  # not Zorro's average
     target = task.soft_targets(torch.tensor([[1.0, 0, 0, 1, 0], [0, 1, 0, 0, 0]]) if multi_label else torch.tensor([1, 3]))
     losses = task.losses(outputs, target, batch)
-    assert set(losses) == {"avg"}  # one loss, on the averaged logits
-    torch.testing.assert_close(losses["avg"], task.head_loss(logits, target).mean())
+    assert set(losses) == {"audio", "video"}  # scenic trains each CLS token's logits; compute_loss averages them
+    for name in ("audio", "video"):
+        torch.testing.assert_close(losses[name], task.head_loss(task.heads[name](outputs[name]), target).mean())
+
+
+def test_mbt_recipe_loss_is_scenics_sigmoid_ce_summed_over_classes_and_averaged_over_cls_tokens(tmp_path):
+    """scenic's MBTMultilabelClassificationModel.loss_function: for each CLS token's logits, sigmoid cross-entropy
+    summed over the classes and averaged over the batch (weighted_sigmoid_cross_entropy); the tokens' losses averaged.
+    The modality-mixup targets are per token, each mixed with its modality's lambda (scenic's mixup_modalities)."""
+    cfg = compose_cfg(overrides=["experiment=mbt_as500k", "data.root=/d", "pretrained=/w", "model=mbt_tiny"],
+                      output_dir=tmp_path)
+    torch.manual_seed(0)
+    task = instantiate(cfg.task, backbone=instantiate(cfg.model), dataset=DatasetInfo(num_classes=5, multi_label=True),
+                       optimizer=instantiate(cfg.optimizer))
+    assert task.loss_reduction == "sum_classes" and task.view_average == "logits"
+    audio, video = inputs(batch=4)
+    labels = torch.tensor([[1.0, 0, 0, 1, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [1, 1, 0, 0, 1]])
+    batch = {"audio": audio, "video": video, "label": labels}
+    torch.manual_seed(5)
+    loss, _ = task.compute_loss(batch)
+    torch.manual_seed(5)  # replay: the same mixup draws, the same stochastic depth
+    beta = torch.distributions.Beta(0.3, 0.3)
+    lam = {"audio": float(beta.sample()), "video": float(beta.sample())}
+    perm = torch.randperm(4)
+    mixed = {"audio": lam["audio"] * audio.float() / 32768 + (1 - lam["audio"]) * audio.float()[perm] / 32768,
+             "video": lam["video"] * video.float() + (1 - lam["video"]) * video.float()[perm]}
+    outputs = task.backbone(**mixed)
+    per_token = []
+    for name in ("audio", "video"):
+        target = lam[name] * labels + (1 - lam[name]) * labels[perm]
+        x = task.heads[name](outputs[name])
+        ce = -(target * torch.nn.functional.logsigmoid(x) + (1 - target) * torch.nn.functional.logsigmoid(-x))
+        per_token.append(ce.sum() / 4)  # sum over classes and batch, / batch size
+    torch.testing.assert_close(loss, torch.stack(per_token).mean())
+
+
+def test_mbt_recipe_clips_the_gradients_global_norm_at_one(tmp_path):
+    cfg = compose_cfg(overrides=["experiment=mbt_as500k", "data.root=/d", "pretrained=/w"], output_dir=tmp_path)
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.gradient_clip_algorithm == "norm"
+    assert tuple(cfg.model.video_mean) == tuple(cfg.model.video_std) == (0.5, 0.5, 0.5)  # the in21k ViT's [-1, 1]
+    zorro = compose_cfg(overrides=["experiment=as2m_zorro_vit", "data.root=/d"], output_dir=tmp_path)
+    assert zorro.trainer.gradient_clip_val is None and zorro.task.loss_reduction == "mean"
 
 
 def test_zorro_keeps_one_head_per_output_with_averaged_probabilities():

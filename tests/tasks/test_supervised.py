@@ -233,3 +233,91 @@ def test_the_unimodal_settings_score_the_same_heads_whatever_the_batch_holds():
         got, zero_filled = _eval_scores(task, batch, inputs_), _eval_scores(task, loader_batch, inputs_)
         assert set(got) == set(zero_filled) == {inputs_}
         torch.testing.assert_close(got[inputs_], zero_filled[inputs_], atol=1e-6, rtol=1e-5)
+
+
+def test_cav_mae_smoothing_is_the_official_loaders():
+    """smoothing=cav_mae (the official CAV-MAE / AST data loader): a label's class 1 - eps, every other eps / C."""
+    ml = make_task(multi_label=True, label_smoothing=0.1, smoothing="cav_mae")
+    t = ml.soft_targets(torch.tensor([[1.0, 0, 1, 0, 0, 0]]))
+    torch.testing.assert_close(t, torch.tensor([[0.9, 0.1 / 6, 0.9, 0.1 / 6, 0.1 / 6, 0.1 / 6]]))
+    single = make_task(label_smoothing=0.1, smoothing="cav_mae").soft_targets(torch.tensor([2]))
+    torch.testing.assert_close(single, torch.tensor([[0.1 / 6, 0.1 / 6, 0.9, 0.1 / 6, 0.1 / 6, 0.1 / 6]]))
+    with pytest.raises(ValueError, match="smoothing"):
+        make_task(smoothing="other")
+
+
+def test_head_lr_scale_puts_the_new_heads_in_their_own_groups():
+    """The official CAV-MAE fine-tuning trains its new head (mlp_head: the backbone's head_norm and the task's
+    Linear) at head_lr x the LR; every other parameter keeps the LR and its weight-decay group."""
+    from zorro.models import cav_mae_tiny
+
+    task = SupervisedTask(backbone=cav_mae_tiny(decoder_depth=0, head="official", trainable_pos=True),
+                          dataset=DatasetInfo(num_classes=6, multi_label=True), head_lr_scale=10,
+                          optimizer=functools.partial(torch.optim.Adam, lr=1e-4, weight_decay=0.01))
+    task.trainer = None
+    optimizer = task.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    head = {id(p) for p in [*task.heads.parameters(), *task.backbone.head_norm.parameters()]}
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= head or not ids & head
+        assert group["lr"] == pytest.approx(1e-3 if ids <= head else 1e-4)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(task.parameters()))
+    assert {g["weight_decay"] for g in optimizer.param_groups if {id(p) for p in g["params"]} <= head} == {0.01, 0.0}
+def test_loss_reduction_sums_or_averages_the_classes_and_scales_the_gradient_by_their_number():
+    """sum_classes (scenic's) is C x mean in value and in gradient; the batch is averaged in both; softmax CE is a
+    sum over classes either way."""
+    audio, video = inputs(batch=3)
+    label = torch.tensor([[1.0, 0, 0, 1, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]])
+    batch = {"audio": audio, "video": video, "label": label}
+    grads, values = {}, {}
+    for reduction in ("mean", "sum_classes"):
+        torch.manual_seed(0)
+        task = make_task(multi_label=True, loss_reduction=reduction, mixup_alpha=0.0, label_smoothing=0.0).eval()
+        loss, _ = task.compute_loss(batch)
+        loss.backward()
+        values[reduction], grads[reduction] = loss.detach(), task.heads["audio"].weight.grad.clone()
+    logits = task.heads["audio"](task(batch)["audio"]).detach()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, label, reduction="none")
+    torch.testing.assert_close(task.losses(task(batch), label, batch)["audio"], bce.sum(-1).mean())
+    torch.testing.assert_close(values["sum_classes"], 6 * values["mean"])
+    torch.testing.assert_close(grads["sum_classes"], 6 * grads["mean"])
+    single = {r: make_task(loss_reduction=r).head_loss(logits, torch.eye(6)[:3]) for r in ("mean", "sum_classes")}
+    torch.testing.assert_close(single["mean"], single["sum_classes"])
+    with pytest.raises(ValueError, match="loss_reduction"):
+        make_task(loss_reduction="sum")
+
+
+@pytest.mark.parametrize("multi_label", [True, False])
+def test_view_average_logits_averages_a_clips_views_before_the_probabilities(multi_label):
+    """MBT: "average the logits over each view"; Zorro (probs): the views' probabilities averaged."""
+    torch.manual_seed(0)
+    tasks = {v: make_task(multi_label=multi_label, view_average=v).eval() for v in ("probs", "logits")}
+    tasks["logits"].load_state_dict(tasks["probs"].state_dict())
+    audio, video = inputs(batch=3)
+    label = torch.tensor([[1.0, 0, 0, 0, 0, 0]] * 3) if multi_label else torch.tensor([0, 0, 0])
+    batch = {"audio": audio, "video": video, "label": label, "key": ["a", "a", "a"]}  # 3 views of one clip
+    with torch.no_grad():
+        logits = {n: tasks["probs"].heads[n](o) for n, o in tasks["probs"](batch).items()}
+    clip = {}
+    for view_average, task in tasks.items():
+        task.eval_inputs = ("audio_video",)
+        with torch.no_grad():
+            task._eval_step(batch, "test")
+        scores, _ = task.eval_clips["test"]["audio_video-audio"].compute()
+        clip[view_average] = task.probabilities(scores) if view_average == "logits" else scores
+        task._eval_epoch_end("test")
+        torch.testing.assert_close(task.eval_result.predictions["audio_video"][0], _avg_prediction(task, logits))
+    probs = tasks["probs"].probabilities
+    torch.testing.assert_close(clip["logits"][0], probs(logits["audio"].mean(0)))
+    torch.testing.assert_close(clip["probs"][0], probs(logits["audio"]).mean(0))
+    assert not torch.allclose(clip["logits"], clip["probs"])
+
+
+def _avg_prediction(task, logits):
+    """The clip's averaged prediction over heads and views, as each view_average defines it."""
+    probs = task.probabilities
+    heads = torch.stack([probs(x) for x in logits.values()]).mean(0)  # combine=probs: the heads' probabilities
+    if task.view_average == "probs":
+        return heads.mean(0, keepdim=True)
+    return probs(task.logits_of(heads).mean(0, keepdim=True))

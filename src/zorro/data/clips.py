@@ -45,6 +45,10 @@ class ClipSampler:
 
     def label(self, meta: dict) -> torch.Tensor:
         ids = meta.get("label_ids", [])
+        bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < self.num_classes)]
+        if bad:  # else a CUDA assert or an IndexError deep in the loss, far from the clip that caused it
+            raise ValueError(f"clip {meta.get('key')} has label id(s) {bad}, outside the manifest's "
+                             f"{self.num_classes} classes")
         if self.multi_label:
             y = torch.zeros(self.num_classes)
             y[ids] = 1.0

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 from .clips import ClipSampler
 from .device import collate
 from .info import DatasetInfo
-from .reading import is_url, read_manifest, shard_url
-from .stream import DataError, ShardStream, rank_world, samples_per_slot
+from ..config import ConfigError
+from .reading import READ_RETRIES, READ_TIMEOUT, is_url, read_manifest, shard_url
+from .stream import DataError, ShardStream, assign_shards, rank_world, samples_per_slot
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -29,14 +30,20 @@ class ShardDataModule(pl.LightningDataModule):
                  test_split: str = "test", cv_fold: int | None = None,
                  modalities: Sequence[str] = ("audio", "video"), audio_seconds: float | None = None,
                  audio_align: str = "window_centre", pin_memory: bool = False, decode_on_device: bool | str = "auto",
-                 seed: int = 0, cache_dir: str | None = None, max_bad_fraction: float = 0.01):
+                 seed: int = 0, cache_dir: str | None = None, max_bad_fraction: float = 0.01,
+                 read_timeout: float = READ_TIMEOUT, read_retries: int = READ_RETRIES,
+                 storage_options: dict | None = None):
         super().__init__()
         if decode_on_device not in ("auto", True, False):
             raise ValueError(f"decode_on_device must be auto, true or false, got {decode_on_device!r}")
         self.decode_on_device = decode_on_device
         self.root = root if is_url(root) else Path(root)  # a folder or a URL (docs/cluster_training.md)
         self.cache_dir, self.max_bad_fraction = cache_dir, max_bad_fraction
-        self.manifest = read_manifest(root)
+        # every remote read: bounded in time and retried (reading.RemoteReader); fsspec's options (an S3
+        # endpoint, credentials) as a plain dict, which the loader workers get with the dataset
+        self.remote = dict(timeout=float(read_timeout), retries=int(read_retries),
+                           storage_options=_plain(storage_options))
+        self.manifest = read_manifest(root, **self.remote)
         self.info = DatasetInfo(num_classes=len(self.manifest["classes"]), multi_label=bool(self.manifest["multi_label"]),
                                 class_names=tuple(self.manifest["classes"]))
         if not set(modalities) <= {"audio", "video"} or not modalities:
@@ -58,6 +65,7 @@ class ShardDataModule(pl.LightningDataModule):
                       frame_rate=frame_rate, image_size=image_size, sample_rate=sample_rate,
                       min_crop_scale=min_crop_scale, aspect_ratio=aspect_ratio, flip=flip, color_prob=color_prob,
                       modalities=modalities, audio_seconds=audio_seconds, audio_align=audio_align)
+        self._check_splits(root, cv_fold)
         self.samplers = {"train": ClipSampler(train=True, windows=1, crops=1, **common),
                          "eval": ClipSampler(train=False, windows=eval_windows, crops=eval_crops, **common),
                          "features": ClipSampler(train=False, windows=1, crops=1, **common)}  # linear probe
@@ -69,7 +77,60 @@ class ShardDataModule(pl.LightningDataModule):
         return [s for name in names for s in self.manifest["splits"].get(name, {}).get("shards", [])]
 
     def has_split(self, stage: str) -> bool:
-        return sum(s["num_samples"] for s in self._shards(stage)) > 0
+        return self.split_size(stage) > 0
+
+    def split_size(self, stage: str) -> int:
+        """Clips the manifest lists for `stage` (what an evaluation of it must score)."""
+        return sum(s["num_samples"] for s in self._shards(stage))
+
+    def _check_splits(self, root, cv_fold) -> None:
+        """A split named in the config that the manifest lacks is a typo (data.train_split=trian), not an
+        absent split: one line naming the splits there are. The default names may be absent (no val split)."""
+        if cv_fold is not None:
+            return
+        have = sorted(self.manifest["splits"])
+        for stage, (name,) in self.split_names.items():
+            if name and name != stage and name not in self.manifest["splits"]:
+                raise ConfigError(f"data.{stage}_split={name}: {root} has no split {name!r}; its manifest has "
+                                  f"{', '.join(have) or 'no splits'}")
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not self.has_split("train"):  # else Lightning trains nothing and says nothing
+            name = ", ".join(self.split_names["train"])
+            raise ConfigError(f"data.train_split={name}: {self.root} has no training samples in {name!r}; its "
+                              f"manifest has {', '.join(sorted(self.manifest['splits'])) or 'no splits'}")
+
+    def _stream(self, stage: str, **kw) -> ShardStream:
+        shards = self._shards(stage)
+        return ShardStream(shards=[shard_url(self.root, s["name"]) for s in shards],
+                           counts=[s["num_samples"] for s in shards], sizes=[s.get("size") for s in shards],
+                           digests=[s.get("sha256") for s in shards], cache_dir=self.cache_dir,
+                           remote=self.remote, seed=self.seed, workers=max(1, self.num_workers), **kw)
+
+    def modality_counts(self, stages=("train", "val", "test")) -> dict[str, int] | None:
+        """{"audio": clips with audio, "video": clips with video} in the splits this run reads for `stages`, from
+        the manifest (data_prep counts them per shard); None for shards written before it did."""
+        shards = [s for stage in stages for s in self._shards(stage)]
+        if not shards or not all("num_audio" in s and "num_video" in s for s in shards):
+            return None
+        return {m: sum(s[f"num_{m}"] for s in shards) for m in ("audio", "video")}
+
+    def num_batches(self, stage: str) -> int | None:
+        """Batches of this rank's `stage` evaluation loader, where that is known before reading it: every clip one
+        view (eval_windows=1, and eval_crops=1 or no frames read), so the progress bars can show a total (an
+        evaluation stream has no __len__). Unreadable samples end it earlier."""
+        sampler = self.samplers["eval"]
+        if stage == "train" or sampler.windows != 1 or (sampler.crops != 1 and "video" in sampler.modalities):
+            return None
+        counts = [s["num_samples"] for s in self._shards(stage)]
+        rank, world = self._rank_world()
+        workers = max(1, self.num_workers)
+        slots = workers * world
+        if len(counts) >= slots:  # as ShardStream._raw splits them: whole shards per slot ...
+            per_slot = [sum(counts[i] for i in share) for share in assign_shards(counts, slots)]
+        else:  # ... or every slots-th sample of all of them
+            per_slot = [len(range(slot, sum(counts), slots)) for slot in range(slots)]
+        return sum(-(-n // self.batch_size) for n in per_slot[rank * workers:(rank + 1) * workers])
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer  # None outside a Trainer (tests, benchmarks)
@@ -78,22 +139,19 @@ class ShardDataModule(pl.LightningDataModule):
         return rank_world()
 
     def stream(self, stage: str) -> ShardStream:
-        shards = [shard_url(self.root, s["name"]) for s in self._shards(stage)]
         counts = [s["num_samples"] for s in self._shards(stage)]
         rank, world = self._rank_world()
         workers = max(1, self.num_workers)
         if stage != "train":
-            return ShardStream(shards=shards, counts=counts, sampler=self._sampler("eval"), train=False, seed=self.seed,
-                               rank=rank, world=world, workers=workers, cache_dir=self.cache_dir)
+            return self._stream(stage, sampler=self._sampler("eval"), train=False, rank=rank, world=world)
         slots = workers * world
         per_slot = samples_per_slot(counts, slots)  # no repeats within an epoch
         if self.epoch_length:  # a fixed epoch length (shorter, or longer with repeats)
             per_slot = self.epoch_length // slots
         per_slot = max(per_slot // self.batch_size, 1) * self.batch_size  # whole batches, equal everywhere
-        stream = ShardStream(shards=shards, counts=counts, sampler=self._sampler("train"), train=True,
-                           samples_per_slot=per_slot, length=per_slot * workers, shuffle_buffer=self.shuffle_buffer,
-                           seed=self.seed, rank=rank, world=world, batch_size=self.batch_size, workers=workers,
-                           cache_dir=self.cache_dir)
+        stream = self._stream("train", sampler=self._sampler("train"), train=True, samples_per_slot=per_slot,
+                              length=per_slot * workers, shuffle_buffer=self.shuffle_buffer, rank=rank, world=world,
+                              batch_size=self.batch_size)
         if self._resume:  # the epoch a resumed fit starts in, without the batches trained (see ShardStream._loop)
             epoch, done = self._resume
             stream.epoch, stream.resume = epoch, self._resume if done else None
@@ -170,10 +228,7 @@ class ShardDataModule(pl.LightningDataModule):
             return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
         sampler = self._sampler("features")
         rank, world = self._rank_world()
-        stream = ShardStream(shards=[shard_url(self.root, s["name"]) for s in self._shards("train")],
-                             counts=[s["num_samples"] for s in self._shards("train")], sampler=sampler, train=False,
-                             seed=self.seed, rank=rank, world=world, workers=max(1, self.num_workers),
-                             cache_dir=self.cache_dir)
+        stream = self._stream("train", sampler=sampler, train=False, rank=rank, world=world)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def train_dataloader(self):
@@ -187,3 +242,17 @@ class ShardDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self):
         return self._loader("test")
+
+
+def _plain(options) -> dict:
+    """storage_options as a plain dict (an OmegaConf node from Hydra is neither picklable nor what fsspec takes)."""
+    if options is None:
+        return {}
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(options):
+            return OmegaConf.to_container(options, resolve=True)
+    except ImportError:
+        pass
+    return dict(options)

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .clips import ClipSampler
-from .reading import first_line, open_shard, stream_samples
+from .reading import Counted, first_line, open_shard, stream_samples
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,14 @@ class ShardStream(IterableDataset):
     def __init__(self, *, shards: Sequence[str], counts: Sequence[int], sampler: ClipSampler, train: bool,
                  samples_per_slot: int | None = None, length: int | None = None, shuffle_buffer: int = 0,
                  seed: int = 0, rank: int = 0, world: int = 1, batch_size: int = 1, workers: int = 1,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, sizes: Sequence[int | None] | None = None,
+                 digests: Sequence[str | None] | None = None, remote: dict | None = None):
         self.shards, self.counts, self.sampler, self.train = list(shards), list(counts), sampler, train
+        # What the manifest records of each shard (data_prep writes sizes and sha256 digests; older manifests
+        # have only counts): every read is checked against it (_raw), a cached copy before it is kept.
+        self.sizes = list(sizes) if sizes is not None else [None] * len(self.shards)
+        self.digests = list(digests) if digests is not None else [None] * len(self.shards)
+        self.remote = dict(remote or {})  # open_shard's timeout, retries, storage_options
         self.rank, self.world = rank, world
         self.samples_per_slot, self.length, self.shuffle_buffer, self.seed = samples_per_slot, length, shuffle_buffer, seed
         self.epoch = 0  # advanced by every __iter__ (workers are persistent, so each keeps its own count)
@@ -81,10 +87,10 @@ class ShardStream(IterableDataset):
     def skipped(self) -> int:
         return int(self.bad.sum())
 
-    def _count_bad(self, n: int, what: str, e: BaseException) -> None:
+    def _count_bad(self, n: int, what: str, e: BaseException | str) -> None:
         info = get_worker_info()
         self.bad[(info.id if info else 0) % len(self.bad)] += n
-        log.warning("skipping unreadable %s: %s", what, first_line(e))
+        log.warning("skipping unreadable %s: %s", what, e if isinstance(e, str) else first_line(e))
 
     def __len__(self) -> int:
         if self.length is None:
@@ -99,23 +105,40 @@ class ShardStream(IterableDataset):
             order_rng.shuffle(mine)
         n = 0
         for i in mine:
-            read = 0
+            read, problem, size = 0, None, None
             try:
-                stream = open_shard(self.shards[i], self.cache_dir)
+                stream = Counted(open_shard(self.shards[i], self.cache_dir, size=self.sizes[i],
+                                            sha256=self.digests[i], count=self.counts[i], **self.remote))
                 try:
                     for sample in stream_samples(stream, self.shards[i]):
                         read += 1
                         if keep is None or n % slots == keep:
                             yield sample
                         n += 1
+                    size = stream.drain()
                 finally:
                     try:
-                        stream.close()
-                    except Exception:  # curl cut off by an epoch that ends mid-shard reports SIGPIPE
+                        stream.stream.close()
+                    except Exception:  # a command cut off by an epoch that ends mid-shard reports SIGPIPE
                         pass
             except Exception as e:  # an unreadable (missing, truncated) shard: its unread samples count as skipped
+                problem = first_line(e)
+            if problem is None and read < self.counts[i]:  # a valid tar, but shorter than data_prep wrote it
+                problem = f"it ends after {read} of the {self.counts[i]} samples the manifest lists"
+            if problem is not None:
                 lost = max(self.counts[i] - read, 1)
-                self._count_bad(lost if keep is None else -(-lost // slots), f"shard {self.shards[i]}", e)
+                # this slot's share of the lost samples: the positions it would have kept (all slots see the
+                # same shard, so together they count each lost sample once)
+                mine_lost = lost if keep is None else len(range((keep - n) % slots, lost, slots))
+                n += max(self.counts[i] - read, 0)
+                if mine_lost:
+                    share = "" if keep is None else f", {mine_lost} of them by this worker"
+                    self._count_bad(mine_lost, f"shard {self.shards[i]}",
+                                    f"{problem} ({lost} samples counted as unreadable{share})")
+            elif read > self.counts[i] or (self.sizes[i] is not None and size != self.sizes[i]):
+                log.warning("shard %s differs from the manifest (%d samples, %s bytes; the manifest: %d, %s): "
+                            "was it rewritten after data_prep?", self.shards[i], read, size, self.counts[i],
+                            self.sizes[i])
 
     def _decode(self, raws, rngs):
         for raw, rng in zip(raws, rngs):

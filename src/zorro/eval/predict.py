@@ -67,8 +67,9 @@ def predict_file(task, path: str, *, num_frames: int, frame_rate: float, image_s
         batch = {"video": torch.stack([v for v, _ in views]), "audio": torch.stack([a for _, a in views]).float(),
                  "has_video": torch.full((len(views),), clip.has_video),
                  "has_audio": torch.full((len(views),), clip.has_audio)}
-        probs.append(task.predict_probs(batch)["avg"])
-    return torch.cat(probs).mean(0).numpy()
+        probs.append(task.predict_scores(batch)["avg"])
+    views = torch.cat(probs).mean(0)  # the task's view average: of probabilities, or of logits (MBT)
+    return (task.probabilities(views) if task.view_average == "logits" else views).numpy()
 
 
 def main(argv=None) -> int:

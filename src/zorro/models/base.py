@@ -89,6 +89,13 @@ class AVBackbone(nn.Module):
         pos = getattr(self, f"{modality}_pos")
         return tokens + resample_pos_embed(pos, getattr(self, f"{modality}_grid"), grid)
 
+    def position_tables(self) -> dict[str, tuple[tuple[int, ...], int]]:
+        """The learned absolute position tables, by state-dict key: (their configured grid, the grid's time axis).
+        `pretrained.load_into` resamples a checkpoint's table along time when its length differs (fine-tuning from
+        another audio length), by value, as `add_positions` resamples it for a longer input."""
+        return {f"{m}_pos": (tuple(getattr(self, f"{m}_grid")), axis) for m, axis in (("audio", 1), ("video", 0))
+                if isinstance(getattr(self, f"{m}_pos", None), nn.Parameter)}
+
     def init_vit_weights(self) -> None:
         """timm's ViT initialisation (`init_weights_vit_timm`: N(0, 0.02) truncated at +-2, zero bias) of every
         Linear. Other modules keep their construction-time init (LayerNorms ones/zeros, the same as timm resets

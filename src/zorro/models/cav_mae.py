@@ -7,14 +7,16 @@ one video frame (224^2)                  -> 16x16 patches (14 x 14) + sin-cos po
     -> the joint layer E_j, three passes with shared attention/MLP and per-stream LayerNorms:     │
        audio alone -> c_a (eq. 4), video alone -> c_v (eq. 5), [audio; video] -> x (eq. 6)  <──────┘
 pre-training: x + mask tokens -> 8-layer 512-d decoder -> patches (eqs. 8-9); c_a, c_v -> contrastive (eq. 7)
-fine-tuning:  {"audio": mean(c_a), "video": mean(c_v), "global": mean(x)} without masking, no decoder.
+fine-tuning:  head="per_output": {"audio": mean(c_a), "video": mean(c_v), "global": mean(x)}, one task head each;
+              head="official" (the official CAVMAEFT): {"global": LayerNorm(mean(x))}, the task's one Linear on it.
 
 Module names follow the official code (github.com/yuangongnd/cav-mae: `blocks_a`, `blocks_u`, `norm_a`, ...),
-so its released checkpoints load with `load_pretrained` without renaming.
+so its released checkpoints (pre-trained and fine-tuned) load by name (`load_pretrained`, `load_official`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -24,10 +26,13 @@ from torch import nn
 
 from .base import AVBackbone
 from .frontends import KaldiFbank, VideoFrontend, frames_or_zeros, mask_along, zero_absent
-from .layers import PatchEmbed
-from .pretrained import LoadReport, load_into, load_state, vit_into_cav_mae
+from .layers import PatchEmbed, resample_pos_embed
+from .pretrained import LoadReport, Unused, is_cav_mae_layout, load_into, load_state, vit_into_cav_mae
 
 MASK_MODES = ("random", "time", "freq", "tf")  # random: the paper's default ("unstructured"); the rest audio only
+HEADS = ("per_output", "official")
+# The official fine-tuning head's Linear (CAVMAEFT.mlp_head = LayerNorm + Linear): the task's "global" head.
+OFFICIAL_CLASSIFIER = ("mlp_head.1.weight", "mlp_head.1.bias")
 
 
 class JointBlock(Block):
@@ -60,10 +65,21 @@ class CAVMAE(AVBackbone):
         sample_rate, n_mels, audio_seconds, audio_frames: audio input; the fbank is padded/cut to
             audio_frames (1024 x 10 ms for 10 s, as the official code).
         spec_augment, freq_mask, time_mask: SpecAugment in `forward` while training (fine-tuning only; the
-            official fine-tuning uses one mask of <= 48 bins and one of <= 192 frames).
+            official fine-tuning uses one mask of <= 48 bins and one of <= 192 frames). As the official data
+            loader, the bands are set to 0 in the raw log-mel, before normalisation (0 -> (0 - mean) / std).
         audio_noise: the official training-time audio augmentation (pre-training and fine-tuning): uniform
             noise of amplitude U(0, 0.1) and a random circular time shift of the normalised fbank.
         grad_checkpointing: recompute block activations in the backward pass (less memory, ~30% more compute).
+        head: "per_output" (the suite's protocol: outputs audio, video and global, one task head each, predictions
+            averaged) or "official" (the official fine-tuning model CAVMAEFT: one output, "global" =
+            `head_norm`(mean of the joint tokens), on which the task's one Linear head sits; `head_norm` and that
+            Linear are the official `mlp_head`). The official model answers a clip without video as its
+            `missingaudioonly` mode: the audio tokens alone through E_j twice, with the joint and with the audio
+            LayerNorms, the two pooled outputs averaged (`missingvideoonly` likewise), so the A and V readings of
+            Table 3 are that one head on those outputs (eval/tables.own_head falls back to the average of the heads,
+            here the one head).
+        trainable_pos: the position tables are learned parameters, initialised to the sin-cos tables (the official
+            fine-tuning model, tr_pos=True); False: fixed buffers (official pre-training, tr_pos=False).
     """
 
     def __init__(self, *, dim: int = 768, modality_depth: int = 11, joint_depth: int = 1, num_heads: int = 12,
@@ -71,14 +87,18 @@ class CAVMAE(AVBackbone):
                  decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
                  num_frames: int = 1, image_size: int = 224, sample_rate: int = 16_000, n_mels: int = 128,
                  audio_seconds: float = 10.0, audio_frames: int = 1024, spec_augment: bool = False,
-                 freq_mask: int = 48, time_mask: int = 192, audio_noise: bool = True, grad_checkpointing: bool = False):
+                 freq_mask: int = 48, time_mask: int = 192, audio_noise: bool = True, grad_checkpointing: bool = False,
+                 head: str = "per_output", trainable_pos: bool = False):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.head, self.trainable_pos = head, trainable_pos
         self.patch_size, self.norm_pix_loss, self.num_frames = patch_size, norm_pix_loss, num_frames
         self.spec_augment, self.freq_mask, self.time_mask = spec_augment, freq_mask, time_mask
         self.audio_noise, self.grad_checkpointing = audio_noise, grad_checkpointing
         self.audio_seconds = audio_seconds
         self.output_dim = dim
-        self.output_names = ("audio", "video", "global")
+        self.output_names = ("audio", "video", "global") if head == "per_output" else ("global",)
 
         self.audio_frontend = KaldiFbank(sample_rate=sample_rate, n_mels=n_mels, frames=audio_frames)
         self.video_frontend = VideoFrontend()
@@ -88,9 +108,12 @@ class CAVMAE(AVBackbone):
         self.video_grid = self.patch_embed_v.grid(image_size, image_size)  # 14 x 14
         self.modality_a = nn.Parameter(torch.zeros(1, 1, dim))  # modality type embeddings E_a, E_v
         self.modality_v = nn.Parameter(torch.zeros(1, 1, dim))
-        # Fixed 2-D sin-cos positions (not learned, as the official tr_pos=False), rebuilt rather than saved.
-        self.register_buffer("pos_embed_a", sincos_pos_embed(dim, self.audio_grid), persistent=False)
-        self.register_buffer("pos_embed_v", sincos_pos_embed(dim, self.video_grid), persistent=False)
+        # 2-D sin-cos positions: fixed (official tr_pos=False), rebuilt rather than saved; or learned from them
+        for name, grid in (("pos_embed_a", self.audio_grid), ("pos_embed_v", self.video_grid)):
+            if trainable_pos:
+                setattr(self, name, nn.Parameter(sincos_pos_embed(dim, grid)))
+            else:
+                self.register_buffer(name, sincos_pos_embed(dim, grid), persistent=False)
 
         depth = modality_depth + joint_depth
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
@@ -100,6 +123,8 @@ class CAVMAE(AVBackbone):
         self.blocks_u = nn.ModuleList(JointBlock(**block, drop_path=dpr[modality_depth + i])
                                       for i in range(joint_depth))
         self.norm_a, self.norm_v, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        if head == "official":
+            self.head_norm = nn.LayerNorm(dim)  # official mlp_head[0]
 
         self.has_decoder = decoder_depth > 0
         if self.has_decoder:
@@ -143,8 +168,9 @@ class CAVMAE(AVBackbone):
             return self.pos_embed_a.new_zeros(batch, 1, F_, T)
         spec = self.audio_frontend(audio)
         if self.training:
-            if spec_augment and self.spec_augment:
-                spec = mask_along(mask_along(spec, self.freq_mask, dim=2), self.time_mask, dim=3)
+            if spec_augment and self.spec_augment:  # bands of raw log-mel 0, as the official loader masks first
+                zero = (0.0 - self.audio_frontend.mean) / self.audio_frontend.std
+                spec = mask_along(mask_along(spec, self.freq_mask, dim=2, value=zero), self.time_mask, dim=3, value=zero)
             if self.audio_noise:
                 spec = _noise_and_roll(spec)
         spec = zero_absent(spec, present)
@@ -168,7 +194,10 @@ class CAVMAE(AVBackbone):
     def encode_video(self, frames: torch.Tensor, mask_ratio: float = 0.0):
         """Eq. 3 and E_v on frames N x 3 x H x W."""
         grid = self.patch_embed_v.grid(*frames.shape[-2:])
-        pos = self.pos_embed_v if grid == self.video_grid else sincos_pos_embed(self.output_dim, grid).to(frames)
+        pos = self.pos_embed_v
+        if grid != self.video_grid:
+            pos = resample_pos_embed(pos, self.video_grid, grid) if self.trainable_pos else \
+                sincos_pos_embed(self.output_dim, grid).to(frames)
         x = self.patch_embed_v(frames) + pos + self.modality_v
         x, mask, restore = random_masking(x, mask_ratio)
         for blk in self.blocks_v:
@@ -199,9 +228,39 @@ class CAVMAE(AVBackbone):
         def pooled_over_frames(x: torch.Tensor) -> torch.Tensor:  # (B*T) x N x D -> B x D
             return x.mean(1).view(batch, T, -1).mean(1)
 
+        if self.head == "official":
+            return {"global": self.head_norm(self.official_pooled(a, v, pooled_over_frames, *self.presence(
+                audio, video, has_audio, has_video, batch)))}
         return {"audio": self.joint(a, "audio").mean(1),
                 "video": pooled_over_frames(self.joint(v, "video")),
                 "global": pooled_over_frames(self.joint(torch.cat([a.repeat_interleave(T, 0), v], dim=1), "joint"))}
+
+    @staticmethod
+    def presence(audio, video, has_audio, has_video, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(has_audio, has_video) B bool: the flags, or whether the modality was passed at all."""
+        ref = audio if audio is not None else video
+        flags = []
+        for x, has in ((audio, has_audio), (video, has_video)):
+            flags.append(has.bool() if has is not None else torch.full((batch,), x is not None, device=ref.device))
+        return flags[0], flags[1]
+
+    def official_pooled(self, a: torch.Tensor, v: torch.Tensor, pooled_over_frames, has_audio: torch.Tensor,
+                        has_video: torch.Tensor) -> torch.Tensor:
+        """The official CAVMAEFT's pooled output before `mlp_head`, per sample by the modalities it has:
+        both: mean(norm(E_j([a; v]))) ("multimodal"); audio only: (mean(norm(E_j(a))) + mean(norm_a(E_j(a)))) / 2
+        ("missingaudioonly"); video only: the same with the video LayerNorms ("missingvideoonly"). Each mode is
+        computed only for a batch that has a sample in it."""
+        T = v.shape[0] // a.shape[0]
+        both = has_audio & has_video
+        out = None
+        if both.any() or not (has_audio | has_video).any():
+            out = pooled_over_frames(self.joint(torch.cat([a.repeat_interleave(T, 0), v], dim=1), "joint"))
+        for alone, x, stream, pool in ((has_audio & ~has_video, a, "audio", lambda t: t.mean(1)),
+                                       (has_video & ~has_audio, v, "video", pooled_over_frames)):
+            if alone.any():
+                missing = (pool(self.joint(x, "joint")) + pool(self.joint(x, stream))) / 2
+                out = missing if out is None else torch.where(alone[:, None], missing, out)
+        return out
 
     # -- pre-training ------------------------------------------------------------------------------------------
     def pretrain_forward(self, audio: torch.Tensor | None, video: torch.Tensor | None, *,
@@ -270,18 +329,89 @@ class CAVMAE(AVBackbone):
         return (patches - mean) / (var + 1e-6).sqrt()
 
     def no_weight_decay(self) -> set[str]:
-        return {"modality_a", "modality_v", "mask_token", "decoder_modality_a", "decoder_modality_v"}
+        learned_pos = {"pos_embed_a", "pos_embed_v"} if self.trainable_pos else set()
+        return {"modality_a", "modality_v", "mask_token", "decoder_modality_a", "decoder_modality_v", *learned_pos}
 
-    # -- initialisation from image models ---------------------------------------------------------------------
-    def load_pretrained(self, path: str | Path) -> LoadReport:
-        """ImageNet MAE / timm ViT weights (local file), as the official `adapt_vmae_weights.py`: ViT layers
-        0..10 into both modality streams, layer 11 into E_j (its LayerNorms into all three streams), the RGB
-        patch kernel summed for the 1-channel spectrogram, the MAE decoder as is (its first p*p output rows
-        for audio). A released CAV-MAE checkpoint (same names as this module) loads directly. Fixed sin-cos
-        position tables and the class token are not used (reported as unused)."""
-        state, rename = vit_into_cav_mae(load_state(path), num_modality_blocks=len(self.blocks_a),
-                                         patch_size=self.patch_size)
-        return load_into(self, state, rename=rename, channels_to_one=("patch_embed_a.proj.weight",))
+    def head_parameter_names(self) -> set[str]:
+        """Parameters of the newly initialised fine-tuning head (the official `mlp_head[0]`), which the official
+        fine-tuning trains with a larger LR (task.head_lr_scale) together with the task's heads."""
+        return {"head_norm.weight", "head_norm.bias"} if self.head == "official" else set()
+
+    # -- initialisation from image models and official checkpoints ------------------------------------------
+    def load_pretrained(self, path: str | Path, *, heads: nn.ModuleDict | None = None) -> LoadReport:
+        """Weights from a local file (`pretrained=`): an ImageNet MAE / timm ViT (converted as the official
+        `adapt_vmae_weights.py`) or an official CAV-MAE release, pre-trained or fine-tuned (`load_official`)."""
+        return self.load_official(load_state(path), heads=heads)
+
+    def load_official(self, state: dict[str, torch.Tensor], *, heads: nn.ModuleDict | None = None) -> LoadReport:
+        """Copy a state dict into this model and account for every key in the report.
+
+        Image MAE / timm ViT: ViT layers 0..10 into both modality streams, layer 11 into E_j (its LayerNorms into
+        all three streams), `norm` into norm / norm_a / norm_v, the RGB patch kernel summed for the 1-channel
+        spectrogram, the MAE decoder as is (its first p*p output rows for audio).
+        Official CAV-MAE (CAVMAE / CAVMAEFT, DataParallel `module.` keys): every tensor by name, `norm`, `norm_a`
+        and `norm_v` each into its own LayerNorm; `mlp_head[0]` into `head_norm` (head="official") and the
+        classifier `mlp_head[1]` into `heads["global"]` when given (the task's head; init_from passes it).
+        Unused keys carry the reason: the decoder of a model built without one, fixed sin-cos tables (rebuilt;
+        the report gives their distance to the file's), a head this model does not have."""
+        official = is_cav_mae_layout(state)
+        classifier = {k: state[k] for k in OFFICIAL_CLASSIFIER if k in state} if official else {}
+        state = {k: v for k, v in state.items() if k not in classifier}
+        state, rename = vit_into_cav_mae(state, num_modality_blocks=len(self.blocks_a), patch_size=self.patch_size)
+        own = set(self.state_dict())
+
+        def explained(key: str):
+            dst = rename(key)
+            if not isinstance(dst, str) or dst in own:
+                return dst
+            if dst.startswith(("decoder_", "mask_token")) and not self.has_decoder:
+                return Unused("the pre-training decoder: this model is built without one (decoder_depth=0; "
+                              "fine-tuning discards it)")
+            if dst in ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v"):
+                return Unused(self._fixed_table_note(dst, state[key]))
+            if re.fullmatch(r"(blocks_a|blocks_v|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)", dst):
+                return Unused("the official Block's per-stream LayerNorms, which its forward reads only in the "
+                              "joint layer (blocks_u): unused in the modality and decoder layers there too")
+            if dst.startswith("head_norm."):
+                return Unused("the official fine-tuning head: this model has per-output heads (head=per_output)")
+            return dst
+
+        report = load_into(self, state, rename=explained, channels_to_one=("patch_embed_a.proj.weight",))
+        self._load_classifier(classifier, heads, report)
+        return report
+
+    def _fixed_table_note(self, name: str, value: torch.Tensor) -> str:
+        built = getattr(self, name, None)
+        if built is None or built.shape != value.shape:
+            return f"a position table for another grid {tuple(value.shape)}; this model's is fixed sin-cos"
+        diff = (built.float() - value.float().to(built.device)).abs().max().item()
+        if diff > 1e-5:
+            return (f"a learned table {diff:.3g} away from the fixed sin-cos one: NOT used; build the model with "
+                    "trainable_pos=true to load it")
+        return f"fixed 2-D sin-cos table (tr_pos=False), rebuilt by the model: max |file - built| = {diff:.1e}"
+
+    def _load_classifier(self, classifier: dict, heads: nn.ModuleDict | None, report: LoadReport) -> None:
+        """The official classifier (mlp_head[1]) into the task's "global" head, or reported unused with why."""
+        if not classifier:
+            return
+        target = heads["global"] if heads is not None and "global" in heads else None
+        if self.head != "official":
+            why = "the official fine-tuning classifier: this model has per-output heads (head=per_output)"
+        elif target is None:
+            why = "the official fine-tuning classifier: it goes into the task's head (init_from places it)"
+        elif tuple(target.weight.shape) != tuple(classifier["mlp_head.1.weight"].shape):
+            why = (f"the official fine-tuning classifier for {classifier['mlp_head.1.weight'].shape[0]} classes; "
+                   f"the task's head has {target.weight.shape[0]}: trained from scratch")
+        else:
+            with torch.no_grad():
+                for key, value in classifier.items():
+                    param = getattr(target, key.rsplit(".", 1)[1])
+                    param.copy_(value.to(param.dtype))
+                    report.loaded.append(f"heads.global.{key.rsplit('.', 1)[1]}")
+                    report.sources[report.loaded[-1]] = key
+            return
+        for key in classifier:
+            report.unused(key, why)
 
 
 # -- masking and positions -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ class AudioFrontend(nn.Module):
     """Waveform (B x S, int16 or float) -> normalised log-mel (B x 1 x n_mels x frames).
 
     Paper (appendix B): 48 kHz, 128 mel bins, Hann window. Window/hop lengths are lost in our copies;
-    25 ms / 10 ms as in MBT and AST (choice), so 2.56 s -> 256 frames -> 16 x 8 patches of 16 x 16.
+    the model configs give 25 ms / 10 ms as in MBT and AST (choice), so 2.56 s -> 256 frames -> 16 x 8 patches.
     In training mode it also applies SpecAugment and frequency jitter (appendix B), which act on the
     model input like dropout does on activations.
     """
@@ -52,8 +52,9 @@ class AudioFrontend(nn.Module):
                                                              window_fn=WINDOWS[window], power=None)
         self.mel_scale = torchaudio.transforms.MelScale(n_mels=n_mels, sample_rate=sample_rate, n_stft=n_fft // 2 + 1)
         self.sample_rate, self.n_mels, self.mean, self.std = sample_rate, n_mels, mean, std
-        # SpecAugment mask sizes (choice): AST's 48 of 128 mel bins and 192 of 1024 frames, halved because we
-        # apply two masks of each kind; scaled to other input sizes.
+        # SpecAugment mask sizes: the model configs set them (conf/model/*.yaml, with their sources); None keeps
+        # the rule they follow for Zorro: AST's 48 of 128 mel bins and 192 of 1024 frames, halved for two masks of
+        # each kind, scaled to the input.
         freq_mask = round(24 * n_mels / 128) if freq_mask is None else freq_mask
         time_mask = round(96 * clip_seconds / 10.24) if time_mask is None else time_mask
         self.spec_augment = spec_augment
@@ -132,9 +133,9 @@ class KaldiFbank(nn.Module):
         return fbank.transpose(1, 2).unsqueeze(1)  # B x 1 x F x T: patches in (frequency, time) order
 
 
-def mask_along(x: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:
-    """SpecAugment's mask: per example a band of width U[0, max_width) at a uniform start is set to 0 (the
-    normalised mean). torchaudio's FrequencyMasking/TimeMasking(iid_masks=True) compute the same but build the
+def mask_along(x: torch.Tensor, max_width: int, dim: int, value: float = 0.0) -> torch.Tensor:
+    """SpecAugment's mask: per example a band of width U[0, max_width) at a uniform start is set to `value` (0:
+    the normalised mean; CAV-MAE masks before normalising, see CAVMAE.audio_input). torchaudio's FrequencyMasking/TimeMasking(iid_masks=True) compute the same but build the
     band with a float arange that torch_xla rejects, so the TPU path needs this integer version."""
     if max_width <= 0:
         return x
@@ -145,7 +146,7 @@ def mask_along(x: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:
     band = (pos >= start[:, None]) & (pos < (start + width)[:, None])  # B x size
     shape = [B] + [1] * (x.ndim - 1)
     shape[dim] = size
-    return x.masked_fill(band.view(shape), 0.0)
+    return x.masked_fill(band.view(shape), value)
 
 
 def zero_absent(x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:

@@ -9,12 +9,16 @@ pretrained=True)` once, then `torch.save(model.state_dict(), path)`, or an offic
   grid, or the frames' grid repeated over time for video); class-token entries are dropped;
 - patch embeddings: an RGB kernel becomes the 1-channel spectrogram kernel by summing over colour (the
   AST recipe), and kernels are resized when the patch size differs (timm's `resample_patch_embed`);
+- a learned position table of another length along time (a checkpoint trained on other audio lengths: `init_from`
+  from 5.12 s to 8 s or 2.56 s): resampled along the time axis by value (`resample_pos_embed`, the resampling the
+  model applies to a longer input), for the tables the backbone names in `position_tables()`;
 - relative-position-bias tables: resized bicubically (timm's `resize_rel_pos_bias_table_simple`, in
   `resize_bias_table`, the one place); Zorro-Swin's streams (`swin_into_streams`: a timm 2D Swin into the
   audio stream and, inflated as Video Swin does, the video stream) crop them for windows clamped to a grid.
 
 Everything else that does not match is reported, never silently dropped: the report lists loaded, resized,
-missing (left at their initialisation) and unexpected (not used) keys.
+missing (left at their initialisation) and unexpected (not used) keys, each unused key with the reason. A model
+tensor that two checkpoint keys would write is an error (no last-write-wins).
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ from torch import nn
 
 from .layers import resample_pos_embed
 
-Rename = Callable[[str], "str | Iterable[str] | None"]
+Rename = Callable[[str], "str | Iterable[str] | Unused | None"]
+
+
+@dataclass(frozen=True)
+class Unused:
+    """What a rename returns for a checkpoint key it deliberately does not load: the reason, for the report."""
+    reason: str
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -60,6 +70,12 @@ class LoadReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # shapes no rule adapts
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)  # unexpected key -> why it is not used
+    sources: dict[str, str] = field(default_factory=dict)  # loaded model key -> the checkpoint key it came from
+
+    def unused(self, key: str, reason: str) -> None:
+        self.unexpected.append(key)
+        self.reasons[key] = reason
 
     def __str__(self) -> str:
         lines = [f"pretrained weights: {len(self.loaded)} tensors loaded ({len(self.resized)} resized), "
@@ -68,7 +84,12 @@ class LoadReport:
         lines += [f"  resized   {k}: {tuple(a)} -> {tuple(b)} ({how})" for k, a, b, how in self.resized]
         lines += [f"  mismatch  {k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched]
         lines += [f"  missing   {k}" for k in _summarise(self.missing)]
-        lines += [f"  unused    {k}" for k in _summarise(self.unexpected)]
+        by_reason: dict[str, list[str]] = {}
+        for key in self.unexpected:
+            by_reason.setdefault(self.reasons.get(key, "no such tensor in the model"), []).append(key)
+        for reason, keys in by_reason.items():
+            lines += [f"  unused    {k}" for k in _summarise(keys, limit=4)]
+            lines[-1] += f"  ({reason})"
         return "\n".join(lines)
 
 
@@ -83,26 +104,37 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
         tokens) are dropped.
     """
     target = module.state_dict()
+    time_tables = module.position_tables() if hasattr(module, "position_tables") else {}
     report, seen = LoadReport(), set()
     updates: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}  # model key -> the checkpoint key that wrote it
     for src_key, value in state.items():
         dst = rename(src_key) if rename else src_key
+        if isinstance(dst, Unused):
+            report.unused(src_key, dst.reason)
+            continue
         dst_keys = [dst] if isinstance(dst, str) else list(dst or [])
         if not dst_keys or not any(k in target for k in dst_keys):
-            report.unexpected.append(src_key)
+            report.unused(src_key, f"no tensor {dst_keys[0]} in the model" if dst_keys and dst_keys[0] != src_key
+                          else "no such tensor in the model")
             continue
         for key in dst_keys:
             if key not in target:
-                report.unexpected.append(f"{src_key} -> {key}")
+                report.unused(f"{src_key} -> {key}", "no such tensor in the model")
                 continue
+            if key in source:
+                raise ValueError(f"checkpoint keys {source[key]!r} and {src_key!r} both map to {key!r}: "
+                                 "a converter must write each model tensor once")
+            source[key] = src_key
             want = target[key]
-            adapted, how = _adapt(key, value, want, channels_to_one, (pos_grids or {}).get(key))
+            adapted, how = _adapt(key, value, want, channels_to_one, (pos_grids or {}).get(key), time_tables.get(key))
             if adapted is None:
                 report.mismatched.append((key, tuple(value.shape), tuple(want.shape)))
                 continue
             updates[key] = adapted.to(want.dtype)
             seen.add(key)
             report.loaded.append(key)
+            report.sources[key] = src_key
             if how:
                 report.resized.append((key, tuple(value.shape), tuple(want.shape), how))
     module.load_state_dict(updates, strict=False)
@@ -110,7 +142,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
     return report
 
 
-def _adapt(key, value, want, channels_to_one, grid):
+def _adapt(key, value, want, channels_to_one, grid, time_table=None):
     if value.shape == want.shape:
         return value, ""
     how = []
@@ -141,7 +173,24 @@ def _adapt(key, value, want, channels_to_one, grid):
             spatial = spatial.reshape(1, 1, -1, value.shape[-1]).expand(1, grid[0], -1, -1).reshape(1, -1, value.shape[-1])
         if spatial.shape == want.shape:
             return spatial, f"position grid {side}x{side} -> {'x'.join(map(str, grid))}"
+    if grid is None and time_table is not None and value.ndim == want.ndim == 3 and value.shape[-1] == want.shape[-1]:
+        resampled = _resample_time(value, *time_table)
+        if resampled is not None:
+            return resampled
     return None, ""
+
+
+def _resample_time(value: torch.Tensor, grid: Sequence[int], axis: int):
+    """A 1 x N x D table of the grid `grid` with another length along `axis` (time) -> (the table resampled to
+    `grid`, how), or None when N is not a whole number of time steps."""
+    grid = tuple(grid)
+    per_step = math.prod(grid) // grid[axis]
+    if value.shape[1] % per_step:
+        return None
+    old = list(grid)
+    old[axis] = value.shape[1] // per_step
+    return (resample_pos_embed(value, old, grid),
+            f"positions resampled along time, {old[axis]} -> {grid[axis]} steps (grid {'x'.join(map(str, grid))})")
 
 
 def _is_buffer_only(module: nn.Module, key: str) -> bool:
@@ -194,12 +243,20 @@ def vit_into_streams(streams: Sequence[str]) -> Rename:
     return rename
 
 
+def is_cav_mae_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    """A checkpoint in the official CAV-MAE layout (github.com/yuangongnd/cav-mae: `blocks_a`, `norm_a`, ...; the
+    pre-trained CAVMAE, the fine-tuned CAVMAEFT, the adapted ImageNet initialisation) rather than an image ViT/MAE."""
+    return any(k.startswith(("blocks_a.", "blocks_u.", "norm_a.", "modality_a")) for k in state)
+
+
 def vit_into_cav_mae(state: Mapping[str, torch.Tensor], *, num_modality_blocks: int,
                      patch_size: int) -> tuple[dict[str, torch.Tensor], Rename]:
     """ImageNet MAE / timm ViT -> CAV-MAE, as the official `adapt_vmae_weights.py`: layers below
     `num_modality_blocks` into both modality streams, the rest into E_j (their LayerNorms into all three
-    streams), the MAE decoder as is (its first p*p output rows for audio). A CAV-MAE checkpoint's own names
-    pass unchanged."""
+    streams), the final `norm` into norm, norm_a and norm_v, the MAE decoder as is (its first p*p output rows
+    for audio). A checkpoint already in the CAV-MAE layout is not converted: `cav_mae_rename`."""
+    if is_cav_mae_layout(state):
+        return dict(state), cav_mae_rename()
     n = num_modality_blocks
     state = dict(state)
     if "decoder_pred.weight" in state:  # image MAE: audio predicts p*p values, its first p*p rows (official)
@@ -222,9 +279,25 @@ def vit_into_cav_mae(state: Mapping[str, torch.Tensor], *, num_modality_blocks: 
             return [key.replace("patch_embed.", "patch_embed_a."), key.replace("patch_embed.", "patch_embed_v.")]
         if key.startswith("decoder_pred."):
             return key.replace("decoder_pred.", "decoder_pred_v.")
-        return key  # decoder_*, mask_token; a CAV-MAE checkpoint's own names
+        if key in ("cls_token", "pos_embed", "decoder_pos_embed"):
+            return Unused("CAV-MAE has no class token; its positions are fixed 2-D sin-cos tables")
+        return key  # decoder_*, mask_token
 
     return state, rename
+
+
+def cav_mae_rename() -> Rename:
+    """Official CAV-MAE keys -> ours: the same names (`norm`, `norm_a` and `norm_v` each to its own LayerNorm);
+    the fine-tuning head `mlp_head` (LayerNorm + Linear, official CAVMAEFT) -> `head_norm` and the task's
+    classifier (CAVMAE.load_official places the Linear). DataParallel's `module.` prefix is removed by
+    `load_state`."""
+
+    def rename(key: str):
+        if key.startswith("mlp_head.0."):
+            return key.replace("mlp_head.0.", "head_norm.")
+        return key
+
+    return rename
 
 
 # -- timm 2D Swin -> Zorro-Swin's streams -----------------------------------------------------------------------

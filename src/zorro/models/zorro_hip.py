@@ -204,12 +204,13 @@ class HiPBlock(nn.Module):
 
 # -- the model -------------------------------------------------------------------------------------------------
 class ZorroHiP(AVBackbone):
-    """Zorro-HiP. Defaults: the official HiP-16 variant (NUMBERS.md, "Zorro-HiP"), encoder + processor half.
+    """Zorro-HiP. Defaults: the official HiP-16 variant (NUMBERS.md, "Zorro-HiP"), encoder + processor half, with
+    28 self-attention layers in block 2 (HiP-16: 18) so that the model has the paper's 136M parameters (choice).
 
     Args (all keyword-only):
         num_groups, depths, num_latents, dims, num_heads: per HiP block, groups, self-attention layers, latents
             per group, channels and self-attention heads (HiP-16: the appendix's values).
-        mlp_ratio: self-attention widening factor (paper: 4). cross_heads, cross_mlp_ratio: HiP-16's 1 and 1.
+        mlp_ratio: self-attention widening factor (HiP-16's 4). cross_heads, cross_mlp_ratio: HiP-16's 1 and 1.
         decoder: build HiP's decoder half (the blocks after the middle one, with U-Net skips); False keeps the
             encoder + processor, see the module docstring.
         activation: MLP activation, "sq_relu" (HiP) or "gelu".
@@ -225,7 +226,7 @@ class ZorroHiP(AVBackbone):
     maskings: tuple[str, ...] = ("zorro", "two_streams")
 
     def __init__(self, *, num_groups: Sequence[int] = (16, 4, 1, 1, 1, 4, 16),
-                 depths: Sequence[int] = (2, 2, 18, 2, 1, 1, 1),
+                 depths: Sequence[int] = (2, 2, 28, 2, 1, 1, 1),
                  num_latents: Sequence[int] = (128, 256, 256, 64, 256, 256, 128),
                  dims: Sequence[int] = (128, 256, 512, 1024, 512, 256, 128),
                  num_heads: Sequence[int] = (4, 8, 16, 32, 16, 8, 4), mlp_ratio: float = 4.0, cross_heads: int = 1,
@@ -234,7 +235,9 @@ class ZorroHiP(AVBackbone):
                  audio_strides: Sequence[int] = (2, 2, 2), video_strides: Sequence[int] = (4, 2, 2),
                  fourier_bands: int = 16, num_fusion: int = 6, masking: str = "zorro", fusion_level: int = 0,
                  num_frames: int = 8, image_size: int = 224, sample_rate: int = 48_000, n_mels: int = 128,
-                 audio_seconds: float = 2.56, spec_augment: bool = True, grad_checkpointing: bool = False):
+                 audio_seconds: float = 2.56, spec_augment: bool = True, window: str = "hann",
+                 win_ms: float = 25.0, hop_ms: float = 10.0, freq_mask: int | None = None, time_mask: int | None = None,
+                 num_masks: int = 2, freq_jitter: int = 4, grad_checkpointing: bool = False):
         super().__init__()
         self.set_routing(masking)
         if fusion_level != 0:
@@ -252,8 +255,10 @@ class ZorroHiP(AVBackbone):
         n = len(dims) if decoder else len(dims) // 2 + 1
         self.output_dim = dims[n - 1]
 
+        spectrogram = dict(window=window, win_ms=win_ms, hop_ms=hop_ms, freq_mask=freq_mask, time_mask=time_mask,
+                           num_masks=num_masks, freq_jitter=freq_jitter)  # the model config's (conf/model/*.yaml)
         self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
-                                            clip_seconds=audio_seconds)
+                                            clip_seconds=audio_seconds, **spectrogram)
         self.video_frontend = VideoFrontend()
         self.audio_embed = ConvStem(in_chans=1, dim=embed_dim, hidden_dim=stem_dim, strides=tuple(audio_strides))
         self.video_embed = ConvStem(in_chans=3, dim=embed_dim, hidden_dim=stem_dim, strides=tuple(video_strides))
@@ -323,7 +328,8 @@ class ZorroHiP(AVBackbone):
 
 # -- named variants (timm-style factories; the Hydra configs in conf/model/ mirror them) -----------------------
 def zorro_hip_base(**kwargs) -> ZorroHiP:
-    """Zorro-HiP with HiP-16 (encoder + processor blocks), 8 x 224^2 frames and 2.56 s of 48 kHz audio."""
+    """Zorro-HiP with HiP-16 (encoder + processor blocks; 28 layers in block 2: the paper's 136M), 8 x 224^2 frames
+    and 2.56 s of 48 kHz audio."""
     return ZorroHiP(**kwargs)
 
 

@@ -120,7 +120,8 @@ class ZorroSwin(AVBackbone):
     """Zorro-Swin. Defaults are Swin-B / Video Swin-B sized (the paper's sizes are lost in our copies).
 
     Args (all keyword-only):
-        embed_dim, depths, num_heads: stage widths are embed_dim * 2^i; Swin-B: 128, (2, 2, 18, 2), (4, 8, 16, 32).
+        embed_dim, depths, num_heads: stage widths are embed_dim * 2^i; Swin-B: 128, (2, 2, 18, 2), (4, 8, 16, 32);
+            the default has 10 blocks in stage 3, for the paper's 161M parameters (conf/model/zorro_swin.yaml).
         window_size: 2D (audio) window; video_window_size: 3D (time, height, width) window (Video Swin-B).
         patch_size: audio patches (4x4 like Swin); video_patch_size: (2, 4, 4) tubes like Video Swin.
         num_fusion: fusion latents ("n_fusion = 6 in all models").
@@ -133,14 +134,16 @@ class ZorroSwin(AVBackbone):
 
     maskings: tuple[str, ...] = ("zorro", "two_streams")
 
-    def __init__(self, *, embed_dim: int = 128, depths: Sequence[int] = (2, 2, 18, 2),
+    def __init__(self, *, embed_dim: int = 128, depths: Sequence[int] = (2, 2, 10, 2),
                  num_heads: Sequence[int] = (4, 8, 16, 32), window_size: int = 7,
                  video_window_size: Sequence[int] = (8, 7, 7), patch_size: int = 4,
                  video_patch_size: Sequence[int] = (2, 4, 4), mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  num_fusion: int = 6, masking: str = "zorro", fusion_level: int = 0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.3, num_frames: int = 8,
                  image_size: int = 224, sample_rate: int = 48_000, n_mels: int = 128, audio_seconds: float = 2.56,
-                 spec_augment: bool = True, grad_checkpointing: bool = False):
+                 spec_augment: bool = True, window: str = "hann",
+                 win_ms: float = 25.0, hop_ms: float = 10.0, freq_mask: int | None = None, time_mask: int | None = None,
+                 num_masks: int = 2, freq_jitter: int = 4, grad_checkpointing: bool = False):
         super().__init__()
         self.set_routing(masking)
         if fusion_level != 0:
@@ -152,8 +155,10 @@ class ZorroSwin(AVBackbone):
         dims = [embed_dim * 2**i for i in range(len(depths))]
         self.output_dim = dims[-1]
 
+        spectrogram = dict(window=window, win_ms=win_ms, hop_ms=hop_ms, freq_mask=freq_mask, time_mask=time_mask,
+                           num_masks=num_masks, freq_jitter=freq_jitter)  # the model config's (conf/model/*.yaml)
         self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
-                                            clip_seconds=audio_seconds)
+                                            clip_seconds=audio_seconds, **spectrogram)
         self.video_frontend = VideoFrontend()
         self.audio_shape = (n_mels, self.audio_frontend.num_frames(round(audio_seconds * sample_rate)))
         self.video_shape = (num_frames, 3, image_size, image_size)
@@ -273,7 +278,8 @@ class ZorroSwin(AVBackbone):
 
 # -- named variants (timm-style factories; the Hydra configs in conf/model/ mirror them) -----------------------
 def zorro_swin_base(**kwargs) -> ZorroSwin:
-    """Zorro-Swin with Swin-B / Video Swin-B streams, 6 fusion latents, 8 x 224^2 frames, 2.56 s of 48 kHz audio."""
+    """Zorro-Swin with Swin-B / Video Swin-B widths (10 blocks in stage 3: the paper's 161M), 6 fusion latents,
+    8 x 224^2 frames, 2.56 s of 48 kHz audio."""
     return ZorroSwin(**kwargs)
 
 

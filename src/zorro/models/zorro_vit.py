@@ -54,7 +54,10 @@ class ZorroViT(AVBackbone):
                  separate_weights: bool = False, qkv_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, num_frames: int = 8,
                  image_size: int = 224, sample_rate: int = 48_000, n_mels: int = 128, audio_seconds: float = 2.56,
-                 spec_augment: bool = True, missing_modality: str = "zeros", grad_checkpointing: bool = False,
+                 spec_augment: bool = True, window: str = "hann",
+                 win_ms: float = 25.0, hop_ms: float = 10.0, freq_mask: int | None = None, time_mask: int | None = None,
+                 num_masks: int = 2, freq_jitter: int = 4, missing_modality: str = "zeros",
+                 grad_checkpointing: bool = False,
                  masking_reads: Mapping[str, Sequence[str]] | None = None, attention_backend: str = "auto"):
         super().__init__()
         self.set_routing(masking, masking_reads)
@@ -73,8 +76,10 @@ class ZorroViT(AVBackbone):
         self.num_fusion = num_fusion if self.routing.has_fusion else 0
         self.output_dim = dim
 
+        spectrogram = dict(window=window, win_ms=win_ms, hop_ms=hop_ms, freq_mask=freq_mask, time_mask=time_mask,
+                           num_masks=num_masks, freq_jitter=freq_jitter)  # the model config's (conf/model/*.yaml)
         self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
-                                            clip_seconds=audio_seconds)
+                                            clip_seconds=audio_seconds, **spectrogram)
         self.video_frontend = VideoFrontend()
         self.audio_embed = PatchEmbed(in_chans=1, dim=dim, patch_size=patch_size)
         self.video_embed = PatchEmbed(in_chans=3, dim=dim, patch_size=patch_size)

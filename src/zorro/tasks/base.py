@@ -276,7 +276,11 @@ class BaseTask(pl.LightningModule):
             batch = global_batch_size(self.trainer, per_device_batch_size(self.trainer.datamodule))
             extra["lr"] = scaled_lr(keywords["lr"], global_batch=batch, reference_batch=self.lr_reference_batch)
             log.info("lr %g = %g x global batch %d / %d", extra["lr"], keywords["lr"], batch, self.lr_reference_batch)
-        optimizer = self.optimizer_factory(self.param_groups(keywords.get("weight_decay", 0.0)), **extra)
+        groups = self.param_groups(keywords.get("weight_decay", 0.0))
+        for group in groups:  # a group's own LR multiplier (e.g. the new heads: SupervisedTask.head_lr_scale)
+            if "lr_scale" in group:
+                group["lr"] = extra.get("lr", keywords.get("lr")) * group.pop("lr_scale")
+        optimizer = self.optimizer_factory(groups, **extra)
         if self.scheduler_factory is None:
             return optimizer
         total = self.trainer.estimated_stepping_batches

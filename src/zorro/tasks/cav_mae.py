@@ -2,7 +2,8 @@
 
 L_r (eq. 9): mean squared error on the normalised patches of the masked tokens, audio and video each averaged
 over their masked patches, then summed. L_c (eq. 7): NCE between the mean-pooled unimodal outputs of the joint
-layer, c_a and c_v, with negatives from every device. Fine-tuning is `task=supervised` from the checkpoint
+layer, c_a and c_v, with negatives from every device, or (contrastive_batch) within groups of that many clips, as
+the official code under DataParallel computes it per GPU. Fine-tuning is `task=supervised` from the checkpoint
 (`init_from=...`): the decoder is dropped.
 """
 
@@ -59,7 +60,7 @@ class CAVMAEPretrainTask(RetrievalTask):
     def __init__(self, *, backbone: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  mask_ratio: float = 0.75, mask_mode: str = "random", reconstruction_weight: float = 1.0,
                  contrastive_weight: float = 0.01, temperature: float = 0.05, normalizer: str = "video_to_audio",
-                 config: dict | None = None, dataset=None):
+                 contrastive_batch: int | None = None, config: dict | None = None, dataset=None):
         super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, config=config, dataset=dataset)
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
@@ -69,7 +70,9 @@ class CAVMAEPretrainTask(RetrievalTask):
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.mask_ratio, self.mask_mode = mask_ratio, mask_mode
         self.reconstruction_weight, self.contrastive_weight = reconstruction_weight, contrastive_weight
-        self.temperature, self.normalizer = temperature, normalizer
+        if contrastive_batch is not None and contrastive_batch < 2:
+            raise ValueError(f"contrastive_batch must be >= 2 clips (or null), got {contrastive_batch}")
+        self.temperature, self.normalizer, self.contrastive_batch = temperature, normalizer, contrastive_batch
         self.eval_clips = clip_embeddings(("audio", "video"))
 
     def setup(self, stage: str) -> None:
@@ -93,11 +96,30 @@ class CAVMAEPretrainTask(RetrievalTask):
     def contrastive_loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         has_audio, has_video = modality_flags(batch)
         z = {m: F.normalize(out[m], dim=-1) for m in ("audio", "video")}
+        if self.contrastive_batch:
+            return self.grouped_nce(z, has_audio & has_video)
         pairs = self.training_pairs(z, has_audio & has_video)  # negatives from every device
         if pairs is None:
             zero = self.zero_loss(z)
             return zero, zero.detach()
         return cav_nce(pairs["audio"], pairs["video"], temperature=self.temperature, normalizer=self.normalizer)
+
+    def grouped_nce(self, z: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_c, accuracy) averaged over consecutive groups of `contrastive_batch` clips of this device's batch,
+        each group's clips the only negatives (official: the per-GPU chunk of DataParallel, 48 / 4 = 12 clips;
+        its per-GPU losses are summed, a constant factor Adam does not see). Groups with < 2 pairs are skipped."""
+        terms = []
+        for start in range(0, valid.shape[0], self.contrastive_batch):
+            keep = valid[start: start + self.contrastive_batch]
+            if int(keep.sum()) >= 2:
+                part = {m: e[start: start + self.contrastive_batch][keep] for m, e in z.items()}
+                terms.append(cav_nce(part["audio"], part["video"], temperature=self.temperature,
+                                     normalizer=self.normalizer))
+        self.num_pairs = int(valid.sum())
+        if not terms:
+            zero = self.zero_loss(z)
+            return zero, zero.detach()
+        return torch.stack([t[0] for t in terms]).mean(), torch.stack([t[1] for t in terms]).mean()
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, its terms) of a training batch; no logging, so any loop can drive it."""

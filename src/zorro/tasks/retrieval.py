@@ -74,10 +74,12 @@ class RetrievalTask(BaseTask):
             z[name] = F.normalize(emb, dim=-1)
             clips.reset()
         valid = valid.reshape(-1).bool()
+        scored = torch.tensor(float(valid.numel()))  # every clip seen (run.check_scored compares the split's)
         z = {n: e[valid] for n, e in z.items()}
         if z["audio"].shape[0] < 2:
             return
         values = {f"{stage}/{k}": v for k, v in self.clip_losses(z).items()}
+        values[f"{stage}/num_clips"] = scored
         a2v, v2a = retrieval_recall(z["audio"], z["video"]), retrieval_recall(z["video"], z["audio"])
         values.update({f"{stage}/a2v_{k}": v for k, v in a2v.items()})
         values.update({f"{stage}/v2a_{k}": v for k, v in v2a.items()})
