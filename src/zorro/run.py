@@ -18,11 +18,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from . import known_warnings
+from . import known_warnings, preemption
 from .config import ConfigError, check_config, job_overrides
 from .models import count_parameters
-from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
-from .preemption import resolve_ckpt_path
 from .eval.tables import metric_table, table3_line
 from .tasks.base import checkpoint_run, dataset_dict
 
@@ -184,12 +182,15 @@ def build(cfg: DictConfig):
 
     show_progress, progress = progress_bar(cfg.get("progress", "auto"), cfg.get("progress_every_n_steps", 50))
     callbacks += [*progress, LogEveryEpoch()]
+    if not datamodule.has_split("val"):  # nothing to monitor: no best-*.ckpt (and no "could not find val/score")
+        callbacks = [c for c in callbacks if not (isinstance(c, pl.callbacks.ModelCheckpoint) and c.monitor)]
     if "SLURMEnvironment" in str(cfg.trainer.get("plugins")) and "SLURM_PROCID" not in os.environ:
         raise ConfigError("trainer=slurm runs in a SLURM job step (srun, or -m hydra/launcher=submitit_slurm_gpu); "
                           "elsewhere use trainer=ddp (docs/cluster_training.md)")
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                           enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
                           enable_progress_bar=show_progress, **_sync_batchnorm(cfg.trainer))
+    preemption.use_atomic_checkpoints(trainer)
     return datamodule, task, trainer
 
 
@@ -206,8 +207,14 @@ def _sync_batchnorm(trainer_cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     _log_once()
+    cfg = resume_config(cfg)
     _fill_run_names(cfg)
     datamodule, task, trainer = build(cfg)  # the loggers get the task's hyper-parameters from Lightning
+    if cfg.get("train", True) and not datamodule.has_split("val"):
+        last = next((Path(c.dirpath) / f"{c.filename}.ckpt" for c in trainer.checkpoint_callbacks
+                     if isinstance(c, pl.callbacks.ModelCheckpoint) and c.dirpath and c.filename), None)
+        log.warning("no validation split (data has no %r samples): no validation and no best-*.ckpt; the test "
+                    "uses the last weights (%s)", _val_split_name(cfg), last or "no checkpoint written")
     failed = True
     try:
         metrics = _train(cfg, datamodule, task, trainer)
@@ -220,9 +227,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _train(cfg: DictConfig, datamodule, task, trainer: pl.Trainer) -> dict[str, float]:
     if cfg.get("train", True):
         try:
-            trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), trainer))
-        except SIGTERMException:  # preempted: PreemptionCheckpoint saved the step and printed how to resume
-            raise SystemExit(PREEMPTED_EXIT_CODE) from None
+            trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException:  # preempted: PreemptionCheckpoint saved where it stopped and printed how to resume
+            raise SystemExit(preemption.stop(trainer)) from None
     metrics = _scalars(trainer.callback_metrics)
     settings = task.eval_settings() if hasattr(task, "eval_settings") else None
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -232,7 +239,7 @@ def _train(cfg: DictConfig, datamodule, task, trainer: pl.Trainer) -> dict[str, 
         except SIGTERMException:  # training had finished: only the test is lost
             print(f"Stopped by SIGTERM while testing; test the best checkpoint with `python evaluate.py "
                   f"ckpt_path={best}`", file=sys.stderr, flush=True)
-            raise SystemExit(PREEMPTED_EXIT_CODE) from None
+            raise SystemExit(preemption.stop(trainer)) from None
         metrics.update(_scalars(trainer.callback_metrics))
         check_scored(datamodule, trainer, metrics, "test", "test")
         _report(metrics, "test", settings)
@@ -252,10 +259,15 @@ def _train(cfg: DictConfig, datamodule, task, trainer: pl.Trainer) -> dict[str, 
     return metrics
 
 
-def load_checkpoint(path) -> tuple[dict, DictConfig]:
-    """(checkpoint, its run config) of a train.py checkpoint; a one-line ConfigError for a bad path or file."""
+def _val_split_name(cfg: DictConfig) -> str:
+    return str((cfg.get("data") or {}).get("val_split") or "val")
+
+
+def load_checkpoint(path, mmap: bool = False) -> tuple[dict, DictConfig]:
+    """(checkpoint, its run config) of a train.py checkpoint; a one-line ConfigError for a bad path or file.
+    mmap: tensors memory-mapped, read when used (to read the config of a checkpoint that Lightning loads again)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except FileNotFoundError:
         raise ConfigError(f"ckpt_path: no such file {path}") from None
     except IsADirectoryError:
@@ -268,11 +280,82 @@ def load_checkpoint(path) -> tuple[dict, DictConfig]:
         raise ConfigError(f"ckpt_path: {path}: {e}") from None
 
 
-def _command_line_keys(prefix: str) -> set[str] | None:
-    """The `prefix.*` keys set on the command line (`data.root=...`, `+data.x=...`); None outside Hydra's app."""
+def rebuild_run(cfg: DictConfig, ckpt_path, own: tuple[str, ...], mmap: bool = False) -> tuple[dict, DictConfig]:
+    """(checkpoint, the config that rebuilds its run): the config saved in a train.py checkpoint (model, task, data,
+    optimiser, trainer, seed), with this command's `own` keys (where it writes and what it reports: paths, loggers,
+    callbacks, names) taken from `cfg` and the run's initialisations dropped (the checkpoint's weights replace
+    them: no file reads). evaluate.py and a resumed train.py both rebuild a run this way."""
+    ckpt, run = load_checkpoint(ckpt_path, mmap=mmap)
+    with open_dict(run):
+        for key in own:
+            run[key] = cfg._get_node(key) if key in cfg else None  # interpolations resolve in the rebuilt config
+        if "paths" in own and "trainer" in run:
+            run.trainer.default_root_dir = "${paths.output_dir}"  # saved resolved: the original run's folder
+        run.pretrained = run.init_from = None
+    return ckpt, run
+
+
+# What a resumed train.py takes from its own command rather than from the checkpoint.
+_ABSENT = object()
+TRAIN_OWN = ("paths", "logger", "callbacks", "progress", "progress_every_n_steps")
+
+
+def resume_config(cfg: DictConfig) -> DictConfig:
+    """`ckpt_path=PATH` or `ckpt_path=auto` (the newest loadable checkpoint under the run directory, i.e.
+    `hydra.run.dir=<run> ckpt_path=auto`): the run is rebuilt from the checkpoint's saved config, with the values
+    given on the command line on top (printed). Without a checkpoint (auto in a new folder): `cfg` as composed."""
+    path = preemption.resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
+    if not path:
+        with open_dict(cfg):
+            cfg.ckpt_path = None
+        return cfg
+    _, run = rebuild_run(cfg, path, TRAIN_OWN, mmap=True)
+    applied, ignored = [], []
+    with open_dict(run):
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        overrides = _command_line_overrides() or []
+        for override, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+            key = parsed.key_or_group
+            if key == "ckpt_path" or key.split(".")[0] in TRAIN_OWN:
+                continue  # the command's own anyway
+            if parsed.package or "." not in key and key not in cfg:  # a group that composes into other keys
+                ignored.append(override)  # (experiment, debug, masking): its values are in the checkpoint's config
+                continue
+            value = OmegaConf.select(cfg, key, default=_ABSENT)
+            if parsed.is_delete() or value is _ABSENT:  # ~key
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(run, parent) if parent else run
+                if isinstance(node, DictConfig) and leaf in node:
+                    node.pop(leaf)
+            else:  # a group (data=shards) as composed, its interpolations resolved in the rebuilt config
+                OmegaConf.update(run, key, cfg._get_node(key) if key in cfg else value, merge=False, force_add=True)
+            applied.append(override)
+        run.ckpt_path = str(path)
+    dirs, _ = preemption.checkpoint_dirs(run)
+    elsewhere = Path(path).resolve().parent not in {d.resolve() for d in dirs}
+    log.info("resuming %s with the run's config from the checkpoint%s%s%s", path,
+             f"; from the command line: {' '.join(applied)}" if applied else "",
+             f"; ignored (they compose a new config; give key=value to change a value): {' '.join(ignored)}"
+             if ignored else "",
+             f"; new checkpoints go to {dirs[0]} (best-* among the epochs from here on; to go on in the run's own "
+             f"folder: hydra.run.dir=<that folder> ckpt_path=auto)" if elsewhere and dirs else "")
+    return run
+
+
+def _command_line_overrides() -> list[str] | None:
+    """The overrides given on the command line (`data.root=...`, `+data.x=...`); None outside Hydra's app."""
     if not HydraConfig.initialized():
         return None
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    return list(HydraConfig.get().overrides.task)
+
+
+def _command_line_keys(prefix: str) -> set[str] | None:
+    """The `prefix.*` keys set on the command line (`data.root=...`, `+data.x=...`); None outside Hydra's app."""
+    overrides = _command_line_overrides()
+    if overrides is None:
+        return None
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     return {k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)}
 
 
@@ -297,7 +380,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     the run reports written by the RunReports callback (evaluate.yaml `callbacks`), logged by `logger=...`."""
     _log_once()
     check_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "data"]))  # data: checked once merged
-    ckpt, run = load_checkpoint(cfg.ckpt_path)
+    ckpt, run = rebuild_run(cfg, cfg.ckpt_path, ("paths", "logger", "callbacks", "group", "tags", "progress",
+                                                 "progress_every_n_steps"))
     with open_dict(run):
         run.data = eval_data(cfg, run)
         run.trainer = cfg.trainer
@@ -307,15 +391,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             for key in ("unimodal_eval", "zero_input"):
                 if cfg.get(key) is not None:
                     run.task[key] = cfg[key]
-        # the evaluation's own name, loggers and callbacks, resolved in evaluate.yaml (not the training run's)
+        # the evaluation's own name (its loggers and callbacks, from evaluate.yaml, interpolate it)
         run.run_name = cfg.get("run_name") or f"eval-{run.get('run_name') or 'run'}"
-        own = OmegaConf.create({"run_name": run.run_name, "group": cfg.get("group"),
-                                "tags": list(cfg.get("tags") or []), "paths": cfg.paths,
-                                "logger": cfg.get("logger"), "callbacks": cfg.get("callbacks")})
-        resolved = OmegaConf.to_container(own, resolve=True)
-        run.paths, run.logger, run.callbacks = resolved["paths"], resolved["logger"], resolved["callbacks"]
-        run.progress, run.progress_every_n_steps = cfg.get("progress", "auto"), cfg.get("progress_every_n_steps", 50)
-        run.pretrained = run.init_from = None  # the checkpoint's weights replace any initialisation (no file reads)
     split = cfg.get("split", "test")
     if cfg.get("protocol", "test") == "linear_probe":
         return _linear_probe(cfg, run, ckpt, split)

@@ -152,10 +152,9 @@ class ShardDataModule(pl.LightningDataModule):
         stream = self._stream("train", sampler=self._sampler("train"), train=True, samples_per_slot=per_slot,
                               length=per_slot * workers, shuffle_buffer=self.shuffle_buffer, rank=rank, world=world,
                               batch_size=self.batch_size)
-        if self._resume:  # continue the checkpoint's epoch where it stopped (see ShardStream._loop), or the next
+        if self._resume:  # the epoch a resumed fit starts in, without the batches trained (see ShardStream._loop)
             epoch, done = self._resume
-            finished = done >= len(stream) // self.batch_size
-            stream.epoch, stream.resume = (epoch + 1, None) if finished else (epoch, self._resume)
+            stream.epoch, stream.resume = epoch, self._resume if done else None
             self._resume = None
         return stream
 
@@ -180,11 +179,20 @@ class ShardDataModule(pl.LightningDataModule):
         # for validate()/test() runs, which have no training stream to continue.
         if trainer is None or trainer.state.fn != "fit":
             return {}
-        return {"epoch": trainer.current_epoch,
-                "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+        # The epoch the resumed fit starts in and the batches of it already trained, as Lightning resumes: inside
+        # an epoch's loop (training or its validation) it restarts that epoch, even with all its batches trained
+        # (it then validates again: zorro.preemption), except from a checkpoint written as the epoch's last batch
+        # ended (every_n_train_steps); from the epoch's end hooks on, it starts the next epoch.
+        epochs = trainer.fit_loop.epoch_progress.current
+        batches = trainer.fit_loop.epoch_loop.batch_progress
+        if epochs.started == epochs.ready and epochs.processed == epochs.ready - 1:
+            if not (batches.is_last_batch and batches.current.completed < batches.current.processed):
+                return {"epoch": epochs.processed, "batches": batches.current.processed}
+            return {"epoch": epochs.processed + 1, "batches": 0}
+        return {"epoch": epochs.processed, "batches": 0}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume = (state["epoch"], state["batches"]) if state.get("batches") else None
+        self._resume = (state["epoch"], state["batches"]) if "epoch" in state else None
 
     def skipped(self, stage: str = "train") -> int:
         """Unreadable samples skipped so far by this process's `stage` stream (all its workers, all epochs)."""

@@ -150,10 +150,17 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         if get_worker_info() is not None:
             # A scheduler's SIGTERM goes to the whole process group: the loader's workers keep serving until the
-            # trainer, which got it too, finishes its step and shuts them down (see zorro.preemption).
+            # trainer, which got it too, finishes its step and shuts them down (killing those that do not stop:
+            # zorro.preemption.kill_loader_workers).
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        slot, slots = _slot(self.rank, self.world)
+        # An epoch is counted when its iteration is asked for, not when its first sample is read: an iteration the
+        # trainer starts and never reads (a resumed run's restarted epoch) moves on to the next epoch alike with or
+        # without loader workers (a worker reads ahead at once; the main process only reads when asked).
         epoch, self.epoch = self.epoch, self.epoch + 1
+        return self._samples(epoch)
+
+    def _samples(self, epoch: int):
+        slot, slots = _slot(self.rank, self.world)
         if not self.train:
             rng = random.Random(self.seed)
             yield from self._decode(self._raw(slot, slots, random.Random(self.seed)), itertools.repeat(rng))
