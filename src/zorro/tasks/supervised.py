@@ -184,11 +184,15 @@ class SupervisedTask(BaseTask):
         losses = self.losses(self(batch), target, batch)
         return torch.stack(list(losses.values())).mean(), {f"loss_{n}": l for n, l in losses.items()}
 
+    def head_logits(self, batch: dict, inputs: str, outputs: dict | None) -> dict:
+        """{head: B x C logits} of the backbone's outputs (computed from `batch` unless given)."""
+        outputs = self(batch, inputs) if outputs is None else outputs
+        return {n: self.heads[n](outputs[n]) for n in self.output_names if n in outputs}
+
     def predict_probs(self, batch: dict, inputs: str = "audio_video", outputs: dict | None = None) -> dict:
         """{head: B x C probabilities} plus "avg", the paper's averaged prediction (of the probabilities; or, with
         combine=logits, the probabilities of the averaged logits)."""
-        outputs = self(batch, inputs) if outputs is None else outputs
-        logits = {n: self.heads[n](outputs[n]) for n in self.output_names if n in outputs}
+        logits = self.head_logits(batch, inputs, outputs)
         probs = {n: self.probabilities(x) for n, x in logits.items()}
         if self.combine == "logits":
             probs["avg"] = self.probabilities(torch.stack(list(logits.values())).mean(0))
@@ -200,8 +204,7 @@ class SupervisedTask(BaseTask):
         """What a clip's views average (`view_average`): `predict_probs`, or the same predictions as logits."""
         if self.view_average == "probs":
             return self.predict_probs(batch, inputs, outputs)
-        outputs = self(batch, inputs) if outputs is None else outputs
-        logits = {n: self.heads[n](outputs[n]).float() for n in self.output_names if n in outputs}
+        logits = {n: x.float() for n, x in self.head_logits(batch, inputs, outputs).items()}
         if self.combine == "logits":
             logits["avg"] = torch.stack(list(logits.values())).mean(0)
         else:
