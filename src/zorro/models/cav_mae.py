@@ -28,6 +28,7 @@ from .base import AVBackbone
 from .frontends import KaldiFbank, VideoFrontend, frames_or_zeros, mask_along, zero_absent
 from .layers import PatchEmbed, resample_pos_embed
 from .pretrained import LoadReport, Unused, is_cav_mae_layout, load_into, load_state, vit_into_cav_mae
+from .variants import variant
 
 MASK_MODES = ("random", "time", "freq", "tf")  # random: the paper's default ("unstructured"); the rest audio only
 HEADS = ("per_output", "official")
@@ -477,16 +478,15 @@ def _noise_and_roll(spec: torch.Tensor) -> torch.Tensor:
     return spec.gather(3, idx.view(B, 1, 1, T).expand_as(spec))
 
 
-# -- named variants -----------------------------------------------------------------------------------------
+# -- named variants (timm-style factories): each builds the model its conf/model/ YAML builds, whose comments give the
+# sources; tests/models/test_model_configs.py holds them equal. The class defaults are the paper's model.
+@variant(CAVMAE)
 def cav_mae_base(**kwargs) -> CAVMAE:
     """The paper's CAV-MAE: 11 + 1 ViT-B layers, 8 x 512-d decoder, 10 s of 16 kHz audio, one 224^2 frame."""
-    return CAVMAE(**kwargs)
 
 
+@variant(cav_mae_base, dim=64, modality_depth=2, joint_depth=1, num_heads=4, decoder_dim=32, decoder_depth=2,
+         decoder_heads=4, image_size=64, n_mels=64, audio_seconds=1.28, audio_frames=128, freq_mask=24, time_mask=24)
 def cav_mae_tiny(**kwargs) -> CAVMAE:
     """A CPU-sized CAV-MAE for tests and demos: 64-d, 2 + 1 layers, 2-layer 32-d decoder, 64 mel bins x 128
     frames (1.28 s of 16 kHz audio: 4 x 8 patches), 64^2 frames (4 x 4 patches)."""
-    cfg = dict(dim=64, modality_depth=2, joint_depth=1, num_heads=4, decoder_dim=32, decoder_depth=2,
-               decoder_heads=4, image_size=64, n_mels=64, audio_seconds=1.28, audio_frames=128,
-               freq_mask=24, time_mask=24)
-    return CAVMAE(**{**cfg, **kwargs})

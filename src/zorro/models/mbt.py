@@ -49,6 +49,7 @@ from .base import AVBackbone
 from .frontends import AudioFrontend, VideoFrontend
 from .layers import PatchEmbed, resample_pos_embed
 from .pretrained import LoadReport, load_into, load_state, vit_into_streams
+from .variants import variant
 
 
 class _ViTStream(nn.Module):
@@ -230,14 +231,14 @@ def _zoom_linear(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)[0].permute(1, 2, 0).to(grid.dtype)
 
 
-# -- named variants (timm-style factories; the Hydra configs in conf/model/ mirror them) -----------------------
+# -- named variants (timm-style factories): each builds the model its conf/model/ YAML builds, whose comments give the
+# sources; tests/models/test_model_configs.py holds them equal. The class defaults are the paper's model.
+@variant(MBT)
 def mbt_base(**kwargs) -> MBT:
     """MBT's best AudioSet model: ViT-B streams, B = 4, L_f = 8, 8 s of 16 kHz audio, 8 x 224^2 frames."""
-    return MBT(**kwargs)
 
 
+@variant(mbt_base, dim=64, depth=4, num_heads=4, fusion_layer=2, drop_path_rate=0.0, num_frames=4, image_size=64,
+         sample_rate=16_000, n_mels=64, audio_seconds=1.28, freq_mask=24, time_mask=24)
 def mbt_tiny(**kwargs) -> MBT:
     """A CPU-sized MBT for tests and demos (the inputs of zorro_vit_tiny)."""
-    cfg = dict(dim=64, depth=4, num_heads=4, fusion_layer=2, drop_path_rate=0.0, num_frames=4, image_size=64,
-               sample_rate=16_000, n_mels=64, audio_seconds=1.28, freq_mask=24, time_mask=24)
-    return MBT(**{**cfg, **kwargs})

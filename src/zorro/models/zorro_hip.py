@@ -47,6 +47,7 @@ from .base import AVBackbone
 from .frontends import AudioFrontend, VideoFrontend
 from .layers import CrossAttention, OutputDecoder, PatchGrid, concat_groups
 from .routing import GROUPS, Routing, TokenLayout
+from .variants import variant
 
 
 class SquaredReLU(nn.Module):
@@ -326,17 +327,17 @@ class ZorroHiP(AVBackbone):
         return names | ({"fusion_latents"} if self.fusion_latents is not None else set())
 
 
-# -- named variants (timm-style factories; the Hydra configs in conf/model/ mirror them) -----------------------
+# -- named variants (timm-style factories): each builds the model its conf/model/ YAML builds, whose comments give the
+# sources; tests/models/test_model_configs.py holds them equal. The SpecAugment sizes are the YAML's numbers.
+@variant(ZorroHiP, freq_mask=24, time_mask=24)
 def zorro_hip_base(**kwargs) -> ZorroHiP:
     """Zorro-HiP with HiP-16 (encoder + processor blocks; 28 layers in block 2: the paper's 136M), 8 x 224^2 frames
     and 2.56 s of 48 kHz audio."""
-    return ZorroHiP(**kwargs)
 
 
+@variant(zorro_hip_base, num_groups=(4, 2, 1, 2, 4), depths=(1, 1, 2, 1, 1), num_latents=(8, 8, 8, 8, 8),
+         dims=(32, 48, 64, 64, 32), num_heads=(2, 4, 4, 4, 2), drop_path_rate=0.0, embed_dim=32, stem_dim=16,
+         num_frames=4, image_size=64, sample_rate=16_000, n_mels=64, audio_seconds=1.28, freq_mask=12, time_mask=12)
 def zorro_hip_tiny(**kwargs) -> ZorroHiP:
     """A CPU-sized variant for tests and demos: five small blocks (three without the decoder), the inputs of
     zorro_vit_tiny (4 x 64^2 frames, 1.28 s of 16 kHz audio)."""
-    cfg = dict(num_groups=(4, 2, 1, 2, 4), depths=(1, 1, 2, 1, 1), num_latents=(8, 8, 8, 8, 8),
-               dims=(32, 48, 64, 64, 32), num_heads=(2, 4, 4, 4, 2), drop_path_rate=0.0, embed_dim=32, stem_dim=16,
-               num_frames=4, image_size=64, sample_rate=16_000, n_mels=64, audio_seconds=1.28)
-    return ZorroHiP(**{**cfg, **kwargs})

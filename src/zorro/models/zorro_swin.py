@@ -34,6 +34,7 @@ from .frontends import AudioFrontend, VideoFrontend, frames_or_zeros, spectrogra
 from .layers import Block, CrossAttention, OutputDecoder, concat_groups, maybe_checkpoint
 from .pretrained import LoadReport, load_into, load_state, swin_into_streams
 from .routing import Routing, TokenLayout
+from .variants import variant
 from .video_swin import PatchEmbed3d, PatchMerging3d, SwinBlock3d
 
 
@@ -276,15 +277,15 @@ class ZorroSwin(AVBackbone):
                          channels_to_one=("audio.patch_embed.proj.weight",))
 
 
-# -- named variants (timm-style factories; the Hydra configs in conf/model/ mirror them) -----------------------
+# -- named variants (timm-style factories): each builds the model its conf/model/ YAML builds, whose comments give the
+# sources; tests/models/test_model_configs.py holds them equal. The SpecAugment sizes are the YAML's numbers.
+@variant(ZorroSwin, freq_mask=24, time_mask=24)
 def zorro_swin_base(**kwargs) -> ZorroSwin:
     """Zorro-Swin with Swin-B / Video Swin-B widths (10 blocks in stage 3: the paper's 161M), 6 fusion latents,
     8 x 224^2 frames, 2.56 s of 48 kHz audio."""
-    return ZorroSwin(**kwargs)
 
 
+@variant(zorro_swin_base, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0, num_frames=4,
+         image_size=64, sample_rate=16_000, n_mels=64, audio_seconds=1.28, freq_mask=12, time_mask=12)
 def zorro_swin_tiny(**kwargs) -> ZorroSwin:
     """A CPU-sized variant for tests and demos (same code path and windows, so the small grids get padded)."""
-    cfg = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0, num_frames=4,
-               image_size=64, sample_rate=16_000, n_mels=64, audio_seconds=1.28)
-    return ZorroSwin(**{**cfg, **kwargs})
