@@ -14,8 +14,8 @@ def variant(base: type | Callable, /, **defaults: Any) -> Callable[[Callable], C
     """Make the decorated function a named factory: `name(**kwargs)` builds `base` with `defaults`, which the call's
     keywords override. `base` is a backbone class, or another variant whose defaults these extend (as a tiny YAML
     extends its base YAML and lists what differs). The decorated function only names and documents the variant."""
-    cls = getattr(base, "model_class", base)
-    merged = MappingProxyType({**getattr(base, "defaults", {}), **defaults})
+    cls, inherited = (base, {}) if isinstance(base, type) else (base.model_class, base.defaults)
+    merged = MappingProxyType({**inherited, **defaults})
 
     def register(named: Callable) -> Callable:
         @functools.wraps(named)
