@@ -189,8 +189,8 @@ def checkpoint(whole, tmp_path_factory):
 
 
 def evaluate_on(checkpoint, root, out):
-    return evaluate(compose_cfg("evaluate", overrides=[f"ckpt_path={checkpoint}", f"data.root={root}",
-                                                       "eval_inputs=[audio_video]"], output_dir=out))
+    overrides = [f"ckpt_path={checkpoint}", f"data.root={root}", "eval_inputs=[audio_video]"]
+    return evaluate(compose_cfg("evaluate", overrides=overrides, output_dir=out), overrides)
 
 
 def test_an_evaluation_that_scored_fewer_clips_than_the_split_fails(checkpoint, whole, tmp_path):

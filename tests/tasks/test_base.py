@@ -9,7 +9,8 @@ from zorro.data.info import DatasetInfo
 from zorro.data.shards import ShardDataModule
 from zorro.models import MODELS, zorro_vit_tiny
 from zorro.tasks import CAVMAEPretrainTask, ContrastiveTask, SupervisedTask
-from zorro.tasks.base import checkpoint_run, float_audio, mark_absent
+from zorro.checkpoint import checkpoint_run
+from zorro.data.batch import float_audio, mark_absent
 
 from ..models.helpers import inputs
 
