@@ -86,8 +86,9 @@ def test_a_bad_checkpoint_path_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_sweep_job_directories_are_plain_text_the_override_parser_reads_back():
-    """Sweep job directories were `N_key=value,key=value` (hydra.job.override_dirname): a checkpoint path of one
-    stopped Hydra's override parser. tests/test_cross_validation.py evaluates a sweep's checkpoint by that path."""
+    """A sweep job directory's name has no `=`, `,` or brackets (hydra.job.override_dirname would give
+    `N_key=value,key=value`), so Hydra's override parser reads a checkpoint path through it.
+    tests/test_cross_validation.py evaluates a sweep's checkpoint by that path."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from zorro.config import path_safe

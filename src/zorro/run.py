@@ -32,7 +32,7 @@ known_warnings.install()
 
 def _log_once() -> None:
     """The `lightning` package logs through its own console handler and also to the root logger, which Hydra
-    configures (console + the run's .log file): every Lightning line appeared twice. Keep Hydra's."""
+    configures (console + the run's .log file): every Lightning line would appear twice. Keep Hydra's."""
     if logging.getLogger().handlers:
         logging.getLogger("lightning").handlers.clear()
 
@@ -58,8 +58,8 @@ def _fill_run_names(cfg: DictConfig) -> None:
 
 def finish_loggers(trainer: pl.Trainer | None, failed: bool = False) -> None:
     """End this run's W&B run. Lightning's WandbLogger never finishes the run it starts, so the next job of a sweep
-    that runs in the same process (Hydra's basic launcher) was logged into it ("a wandb run already in progress ...
-    will reuse this run"): one run held every job's metrics and the later jobs had none of their own."""
+    that runs in the same process (Hydra's basic launcher) would be logged into it ("a wandb run already in
+    progress ... will reuse this run"): one run would hold every job's metrics and the later jobs none of their own."""
     for logger in (trainer.loggers if trainer is not None else []):
         if isinstance(logger, WandbLogger) and logger._experiment is not None:  # rank 0, and only if it started
             logger._experiment.finish(exit_code=1 if failed else 0)

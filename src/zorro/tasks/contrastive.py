@@ -42,7 +42,7 @@ class Projector(nn.Module):
             raise ValueError(f"projector_norm must be one of {PROJECTOR_NORMS}, got {norm!r}")
         norm_layer = {"batchnorm": lambda: nn.BatchNorm1d(hidden_dim), "layernorm": lambda: nn.LayerNorm(hidden_dim),
                       "none": nn.Identity}[norm]()
-        # (Sequential keeps the checkpoint keys of earlier versions: net.0 / net.1 / net.3)
+        # a Sequential: the checkpoint keys are net.0 / net.1 / net.3
         self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), norm_layer, nn.ReLU(inplace=True),
                                  nn.Linear(hidden_dim, out_dim))
 
