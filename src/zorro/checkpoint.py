@@ -104,8 +104,8 @@ def rebuild_config(saved: dict | DictConfig, overrides: Sequence[str] = (), comp
                    own: Sequence[str] = (), command_keys: Collection[str] = ()) -> Rebuilt:
     """The config that rebuilds a checkpoint's run: `saved` (its run config, e.g. from load_checkpoint), with
 
-    - the `own` keys taken from `composed` (this command's config: where it writes, what it logs; absent there:
-      removed) and the run's initialisations (pretrained, init_from) dropped: the checkpoint's weights replace them;
+    - the `own` keys taken from `composed` (this command's config: where it writes, what it logs; null where it
+      has none) and the run's initialisations (pretrained, init_from) dropped: the checkpoint's weights replace them;
     - the explicit `overrides` on top, in Hydra's override grammar (train.py and evaluate.py pass their command
       line; outside Hydra's app the caller passes them):
         key=value, +key=value  the value as `composed` holds it (its interpolations resolve in the rebuilt config,
