@@ -4,18 +4,19 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from zorro.config import ConfigError, preflight
+from zorro.config import preflight
+from zorro.errors import ConfigError, DataError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from zorro.data.stream import DataError
     from zorro.run import train  # imported here so --help and config errors stay fast
 
     try:
-        metrics = train(cfg)
+        metrics = train(cfg, HydraConfig.get().overrides.task)  # the run's values given on the command line
     except ConfigError as e:
         print(f"Error in config: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -29,8 +29,8 @@ def test_five_fold_style_cross_validation_is_one_sweep_and_one_report(demo_video
     assert report[0] == "| V top1 | A top1 | A+V top1 | folds (data.cv_fold) |"
     assert len(report) == 3 and "±" in report[2] and report[2].rstrip(" |").endswith("1,2,3")
     # the README's `python evaluate.py ckpt_path=logs/multiruns/.../checkpoints/last.ckpt` on a sweep's checkpoint
-    # (the job directories were `N_key=value,...`, which Hydra's override parser refused), with the data group as
-    # train.py takes it (`data=shards data.root=...` was "Could not override 'data'") and a W&B (offline) logger
+    # (its job directory's name must parse as a Hydra override value), with the data group as train.py takes it
+    # (`data=shards data.root=...`) and a W&B (offline) logger
     job = next(p for p in sorted(sweep.iterdir()) if p.name.startswith("0_data"))
     assert "=" not in job.name and "," not in job.name and "data.cv_fold-1" in job.name
     evaluation = tmp_path / "eval"

@@ -22,7 +22,7 @@ def test_two_process_evaluation_counts_every_clip_once(shard_checkpoint, demo_sh
     test_clips = json.loads((demo_shards / "manifest.json").read_text())["splits"]["test"]["num_samples"]
     views = ["data.eval_windows=2", "data.eval_crops=2"]
     evaluate(compose_cfg("evaluate", overrides=[f"ckpt_path={shard_checkpoint}", *views],
-                         output_dir=tmp_path / "single"))
+                         output_dir=tmp_path / "single"), views)
     run_script(ROOT / "evaluate.py", f"ckpt_path={shard_checkpoint}", f"hydra.run.dir={tmp_path / 'ddp'}", *views,
                "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
                "trainer.sync_batchnorm=false", "trainer.precision=32-true")
@@ -33,44 +33,34 @@ def test_two_process_evaluation_counts_every_clip_once(shard_checkpoint, demo_sh
         assert ddp[key] == pytest.approx(single[key], abs=1e-6)  # the same clips, the same averaged views
 
 
-def _with_hydra_config(overrides):
-    """evaluate.yaml composed as the command line would, with HydraConfig set (what evaluate.py sees)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=["ckpt_path=x.ckpt", *overrides], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
-def test_eval_data_keeps_the_checkpoints_sampling_unless_the_group_names_another_loader():
-    from hydra.core.hydra_config import HydraConfig
+def test_the_rebuilt_data_keeps_the_checkpoints_sampling_unless_the_group_names_another_loader():
+    """evaluate.py's data: the checkpoint's, with the data.* values given on top; `data=shards` naming the
+    checkpoint's own loader keeps its sampling, a group naming another loader brings that group's config."""
     from omegaconf import OmegaConf
 
-    from zorro.run import eval_data
+    from zorro.checkpoint import rebuild_config
+    from zorro.run import EVAL_OWN, EVAL_SETTINGS
 
-    def run(target):
-        return OmegaConf.create({"seed": 0, "model": {"num_frames": 2, "image_size": 32, "sample_rate": 16000,
-                                                      "audio_seconds": 1.0},
-                                 "data": {"_target_": target, "root": "/old", "frame_rate": 1.0, "eval_windows": 2,
-                                          "eval_crops": 3, "batch_size": 4}})
+    def saved(target):
+        return {"seed": 0, "model": {"num_frames": 2, "image_size": 32, "sample_rate": 16000, "audio_seconds": 1.0},
+                "data": {"_target_": target, "root": "/old", "frame_rate": 1.0, "eval_windows": 2, "eval_crops": 3,
+                         "batch_size": 4}}
+
+    def rebuilt(target, overrides):
+        cfg = compose_cfg("evaluate", overrides=["ckpt_path=x.ckpt", "split=val", *overrides])
+        return rebuild_config(saved(target), ["ckpt_path=x.ckpt", "split=val", *overrides], cfg, own=EVAL_OWN,
+                              command_keys=EVAL_SETTINGS)
 
     shards, synthetic = "zorro.data.shards.ShardDataModule", "zorro.data.synthetic.SyntheticDataModule"
-    try:
-        for overrides in (["data=shards", "data.root=/new", "data.eval_crops=1"],
-                          ["data.root=/new", "data.eval_crops=1"]):
-            data = eval_data(_with_hydra_config(overrides), run(shards))  # the same loader: only the given values
-            assert OmegaConf.to_container(data) == {"_target_": shards, "root": "/new", "frame_rate": 1.0,
-                                                    "eval_windows": 2, "eval_crops": 1, "batch_size": 4}
-        other = run(synthetic)  # another loader: the group's config, as train.py composes it
-        other.data = eval_data(_with_hydra_config(["data=shards", "data.root=/new"]), other)
-        assert other.data._target_ == shards and other.data.root == "/new"
-        assert other.data.frame_rate == 3.125 and other.data.eval_windows == 4 and other.data.num_frames == 2
-    finally:
-        HydraConfig.instance().cfg = None
+    for overrides in (["data=shards", "data.root=/new", "data.eval_crops=1"], ["data.root=/new", "data.eval_crops=1"]):
+        run = rebuilt(shards, overrides)  # the same loader: only the given values
+        assert OmegaConf.to_container(run.config.data) == {"_target_": shards, "root": "/new", "frame_rate": 1.0,
+                                                           "eval_windows": 2, "eval_crops": 1, "batch_size": 4}
+        assert "split" not in run.config and run.config.trainer._target_ == "lightning.pytorch.Trainer"
+    assert rebuilt(shards, ["data=shards"]).kept == ["data=shards"]
+    other = rebuilt(synthetic, ["data=shards", "data.root=/new"]).config  # another loader: the group's config
+    assert other.data._target_ == shards and other.data.root == "/new"
+    assert other.data.frame_rate == 3.125 and other.data.eval_windows == 4 and other.data.num_frames == 2
 
 
 def test_a_bad_checkpoint_path_is_one_line(tmp_path, monkeypatch, capsys):
@@ -96,8 +86,9 @@ def test_a_bad_checkpoint_path_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_sweep_job_directories_are_plain_text_the_override_parser_reads_back():
-    """Sweep job directories were `N_key=value,key=value` (hydra.job.override_dirname): a checkpoint path of one
-    stopped Hydra's override parser. tests/test_cross_validation.py evaluates a sweep's checkpoint by that path."""
+    """A sweep job directory's name has no `=`, `,` or brackets (hydra.job.override_dirname would give
+    `N_key=value,key=value`), so Hydra's override parser reads a checkpoint path through it.
+    tests/test_cross_validation.py evaluates a sweep's checkpoint by that path."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from zorro.config import path_safe

@@ -81,8 +81,9 @@ def test_the_quoted_checkpoint_path_is_what_the_run_reads():
 
 # -- sweep job folders ---------------------------------------------------------------------------------------------
 def test_sweep_job_folders_are_named_by_the_swept_keys(tmp_path):
-    """Job folders were every override cut at 120 characters (`optimizer.lr=1e-3` ended as `...optimizer.lr-0.0`,
-    and a sweep over lr gave folders differing only in their number): now the swept overrides, whole."""
+    """Job folders are named by the swept overrides, whole (every override cut at 120 characters would end
+    `optimizer.lr=1e-3` as `...optimizer.lr-0.0`, and a sweep over lr would give folders differing only in their
+    number)."""
     (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": [
         "masking=zorro,two_streams", "optimizer.lr=1e-3,1e-4", "debug=tiny", "data.root=/data/shards",
         "trainer.max_epochs=50", "model=zorro_vit_tiny", "task.eval_inputs=[audio,video]"]}}}))
@@ -138,7 +139,7 @@ def test_esc50_scratch_on_audio_only_data_writes_reports_and_no_video_numbers(tm
 
 
 def test_settings_that_need_an_absent_modality_are_not_scored(tmp_path):
-    """Without the manifest's counts (shards written before them), the run still never prints a number for a
+    """Without the manifest's counts (a manifest without them), the run still never prints a number for a
     modality its evaluated clips lack: the V and A+V settings and the video head are left out."""
     from zorro.run import build
 

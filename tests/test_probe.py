@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from zorro.eval.probe import probe_metrics, train_linear
-from zorro.run import build_task, evaluate, load_checkpoint, train
-from zorro.tasks import EVAL_INPUTS
-from zorro.tasks.base import model_inputs
+from zorro.checkpoint import load_checkpoint
+from zorro.run import build_task, evaluate, train
+from zorro.protocol import EVAL_INPUTS
+from zorro.data.batch import model_inputs
 
 from .conftest import compose_cfg
 

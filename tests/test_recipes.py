@@ -108,7 +108,7 @@ def test_mbt_recipe_is_mbts(tmp_path):
     assert cfg.data.audio_align == "window_centre"
     # SGD lr 0.5 momentum 0.9 at batch 64, 2.5 warm-up epochs of 50, 4 test crops
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0.9
-    assert cfg.optimizer.lr == 0.5 and cfg.optimizer.lr_reference_batch == cfg.data.batch_size == 64
+    assert cfg.optimizer.lr == 0.5 and cfg.task.lr_reference_batch == cfg.data.batch_size == 64
     assert cfg.scheduler.warmup_fraction * cfg.trainer.max_epochs == pytest.approx(2.5)
     assert cfg.data.eval_windows * cfg.data.eval_crops == 4
     # mixup 0.3 + modality mixup; one classifier, logits averaged; SpecAugment as AST; IN-21k weights required
@@ -138,7 +138,7 @@ def test_esc50_is_a_fine_tuning_recipe_at_the_pretraining_length(tmp_path):
                                   "as2m_zorro_swin", "as2m_zorro_hip", "as2m_fusion_level"])
 def test_audioset_2m_recipes_decay_weights_and_scale_the_lr(name, tmp_path):
     cfg = recipe(name, tmp_path=tmp_path)
-    assert cfg.optimizer.weight_decay > 0 and cfg.optimizer.lr_reference_batch
+    assert cfg.optimizer.weight_decay > 0 and cfg.task.lr_reference_batch
 
 
 @pytest.mark.parametrize("name", ["k400", "k400_video", "mbt_k400", "mbt_k400_video"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from zorro.eval.run_reports import (confusion, per_class_ap, write_classification_reports, write_retrieval_reports)
-from zorro.eval.tables import metric_table, own_head, table3_line
+from zorro.eval.tables import metric_table, table3_line
+from zorro.protocol import own_head
 
 
 def test_confusion_and_per_class_ap():

@@ -64,8 +64,8 @@ def test_fast_dev_run_every_backbone_and_task(model, task, tmp_path, monkeypatch
 def test_progress_outside_a_terminal_is_one_line_per_n_steps(tmp_path, capfd, monkeypatch):
     """Under pytest stderr is not a TTY, so progress=auto prints lines: 4 training batches, every 2 -> 2 lines per
     epoch, which say the epoch of how many and the fit's ETA, a line at the end of each validation and of the
-    test, and no carriage-return bar updates. log_every_n_steps=10 against these 4-step epochs logged no
-    train/loss at all: every epoch logs it now."""
+    test, and no carriage-return bar updates. log_every_n_steps=10 against these 4-step epochs still logs
+    train/loss every epoch."""
     train(_tiny(tmp_path, "trainer.max_epochs=2", "progress_every_n_steps=2", "logger=csv",
                 "trainer.log_every_n_steps=10"))
     out, err = capfd.readouterr()

@@ -171,7 +171,7 @@ def compare(out: Path) -> list[tuple[str, str, float]]:
 
     from zorro.data.info import DatasetInfo
     from zorro.run import init_backbone
-    from zorro.tasks.base import model_inputs
+    from zorro.data.batch import model_inputs
     from zorro.tasks.cav_mae import CAVMAEPretrainTask
     from zorro.tasks.supervised import SupervisedTask
 

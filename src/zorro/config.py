@@ -14,9 +14,7 @@ import yaml
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    pass
+from .errors import ConfigError  # noqa: F401  (zorro.config.ConfigError: train.py, evaluate.py and users catch it)
 
 
 # A recipe's required top-level value: `init_from: ${required:init_from}`. (`???` cannot do it there: merging `???`
@@ -95,9 +93,6 @@ if not OmegaConf.has_resolver("job_dirname"):
     OmegaConf.register_new_resolver("job_dirname", _job_dirname_resolver)
 
 
-# Keys a task reads from a group's config instead of passing them to its target.
-TASK_KEYS = {("optimizer", "lr_reference_batch")}  # BaseTask: LR scaling with the global batch
-
 _SCALARS = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
 
 
@@ -147,7 +142,7 @@ def check_node(node: DictConfig, path: str, signature: Signature | None = None) 
     if sig.var_keyword:
         return
     for key in node:
-        if str(key).startswith("_") or (path, key) in TASK_KEYS:
+        if str(key).startswith("_"):
             continue
         if key not in sig.params:
             close = difflib.get_close_matches(str(key), list(sig.params), n=1)

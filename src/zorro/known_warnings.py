@@ -16,7 +16,7 @@ WARNINGS = [
      "same whole number of batches), which is what the warning asks for"),
     (r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule` but have passed in a "
      r"`LightningDataModule`", UserWarning, "",
-     "the task's batch hooks are the batch contract (zorro.tasks.base) and are meant to run instead of the "
+     "the task's batch hooks are the batch contract (zorro.data.batch) and are meant to run instead of the "
      "data module's, which defines none"),
     (r"The number of training batches \(\d+\) is smaller than the logging interval", UserWarning, "",
      "zorro.callbacks.LogEveryEpoch lowers log_every_n_steps to the epoch's length right after this is printed"),

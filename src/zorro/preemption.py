@@ -278,7 +278,7 @@ def unreadable(path: Path) -> str | None:
 def newest_checkpoint(dirs, root: Path | None = None) -> str | None:
     """The most recently written loadable checkpoint of a run: any `*.ckpt` in `dirs` (last.ckpt, best-*.ckpt,
     preempted.ckpt) or Lightning's SLURM `hpc_ckpt_N.ckpt` in `root`. A newer file that cannot be read (cut short by
-    a kill before checkpoints were written atomically, a full disk) is skipped with one warning line."""
+    a kill or a full disk where writes are not atomic, copied half) is skipped with one warning line."""
     found = [p for d in map(Path, dirs) if d.is_dir() for p in d.glob("*.ckpt")]
     if root is not None and Path(root).is_dir():
         found += Path(root).glob("hpc_ckpt_*.ckpt")

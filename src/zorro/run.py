@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -19,10 +20,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import known_warnings, preemption
-from .config import ConfigError, check_config, job_overrides
-from .models import count_parameters
+from .checkpoint import checkpoint_run, dataset_dict, describe, load_checkpoint, rebuild_config
+from .config import check_config, job_overrides
+from .errors import ConfigError, DataError
 from .eval.tables import metric_table, table3_line
-from .tasks.base import checkpoint_run, dataset_dict
+from .models import count_parameters
 
 log = logging.getLogger("zorro")
 known_warnings.install()
@@ -30,7 +32,7 @@ known_warnings.install()
 
 def _log_once() -> None:
     """The `lightning` package logs through its own console handler and also to the root logger, which Hydra
-    configures (console + the run's .log file): every Lightning line appeared twice. Keep Hydra's."""
+    configures (console + the run's .log file): every Lightning line would appear twice. Keep Hydra's."""
     if logging.getLogger().handlers:
         logging.getLogger("lightning").handlers.clear()
 
@@ -56,8 +58,8 @@ def _fill_run_names(cfg: DictConfig) -> None:
 
 def finish_loggers(trainer: pl.Trainer | None, failed: bool = False) -> None:
     """End this run's W&B run. Lightning's WandbLogger never finishes the run it starts, so the next job of a sweep
-    that runs in the same process (Hydra's basic launcher) was logged into it ("a wandb run already in progress ...
-    will reuse this run"): one run held every job's metrics and the later jobs had none of their own."""
+    that runs in the same process (Hydra's basic launcher) would be logged into it ("a wandb run already in
+    progress ... will reuse this run"): one run would hold every job's metrics and the later jobs none of their own."""
     for logger in (trainer.loggers if trainer is not None else []):
         if isinstance(logger, WandbLogger) and logger._experiment is not None:  # rank 0, and only if it started
             logger._experiment.finish(exit_code=1 if failed else 0)
@@ -205,9 +207,11 @@ def _sync_batchnorm(trainer_cfg: DictConfig) -> dict:
     return {"sync_batchnorm": False}
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Fit, test and (linear_probe) probe the run `cfg` composes. With ckpt_path, the run is the checkpoint's,
+    with `overrides` (the command line's: train.py passes Hydra's; outside Hydra's app, the caller's) on top."""
     _log_once()
-    cfg = resume_config(cfg)
+    cfg = resume_config(cfg, overrides)
     _fill_run_names(cfg)
     datamodule, task, trainer = build(cfg)  # the loggers get the task's hyper-parameters from Lightning
     if cfg.get("train", True) and not datamodule.has_split("val"):
@@ -247,7 +251,7 @@ def _train(cfg: DictConfig, datamodule, task, trainer: pl.Trainer) -> dict[str, 
     if cfg.get("linear_probe") and not trainer.fast_dev_run:
         # Table 3's self-supervised columns: linear classifiers on the frozen backbone of the best checkpoint
         if best:
-            task.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+            task.load_state_dict(load_checkpoint(best)[0]["state_dict"])
         split = "test" if datamodule.has_split("test") else "val"
         probe_metrics, settings = run_probe(cfg.probe, datamodule, trainer, task, split,
                                             out / "probe" if out is not None else None)
@@ -263,128 +267,50 @@ def _val_split_name(cfg: DictConfig) -> str:
     return str((cfg.get("data") or {}).get("val_split") or "val")
 
 
-def load_checkpoint(path, mmap: bool = False) -> tuple[dict, DictConfig]:
-    """(checkpoint, its run config) of a train.py checkpoint; a one-line ConfigError for a bad path or file.
-    mmap: tensors memory-mapped, read when used (to read the config of a checkpoint that Lightning loads again)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except FileNotFoundError:
-        raise ConfigError(f"ckpt_path: no such file {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"ckpt_path: {path} is a directory, not a checkpoint file") from None
-    except Exception as e:  # a truncated or foreign file: torch/pickle raise many kinds
-        raise ConfigError(f"ckpt_path: cannot read {path} as a checkpoint ({type(e).__name__}: {e})") from None
-    try:
-        return ckpt, OmegaConf.create(checkpoint_run(ckpt)[0])
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ConfigError(f"ckpt_path: {path}: {e}") from None
-
-
-def rebuild_run(cfg: DictConfig, ckpt_path, own: tuple[str, ...], mmap: bool = False) -> tuple[dict, DictConfig]:
-    """(checkpoint, the config that rebuilds its run): the config saved in a train.py checkpoint (model, task, data,
-    optimiser, trainer, seed), with this command's `own` keys (where it writes and what it reports: paths, loggers,
-    callbacks, names) taken from `cfg` and the run's initialisations dropped (the checkpoint's weights replace
-    them: no file reads). evaluate.py and a resumed train.py both rebuild a run this way."""
-    ckpt, run = load_checkpoint(ckpt_path, mmap=mmap)
-    with open_dict(run):
-        for key in own:
-            run[key] = cfg._get_node(key) if key in cfg else None  # interpolations resolve in the rebuilt config
-        if "paths" in own and "trainer" in run:
-            run.trainer.default_root_dir = "${paths.output_dir}"  # saved resolved: the original run's folder
-        run.pretrained = run.init_from = None
-    return ckpt, run
-
-
 # What a resumed train.py takes from its own command rather than from the checkpoint.
-_ABSENT = object()
 TRAIN_OWN = ("paths", "logger", "callbacks", "progress", "progress_every_n_steps")
 
 
-def resume_config(cfg: DictConfig) -> DictConfig:
+def resume_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
     """`ckpt_path=PATH` or `ckpt_path=auto` (the newest loadable checkpoint under the run directory, i.e.
-    `hydra.run.dir=<run> ckpt_path=auto`): the run is rebuilt from the checkpoint's saved config, with the values
-    given on the command line on top (printed). Without a checkpoint (auto in a new folder): `cfg` as composed."""
+    `hydra.run.dir=<run> ckpt_path=auto`): the run is rebuilt from the checkpoint's saved config with `overrides`
+    on top (zorro.checkpoint.rebuild_config; printed), its folder, loggers and callbacks `cfg`'s. Without a
+    checkpoint (auto in a new folder): `cfg` as composed."""
     path = preemption.resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
     if not path:
         with open_dict(cfg):
             cfg.ckpt_path = None
         return cfg
-    _, run = rebuild_run(cfg, path, TRAIN_OWN, mmap=True)
-    applied, ignored = [], []
+    _, saved = load_checkpoint(path, mmap=True)
+    rebuilt = rebuild_config(saved, overrides, cfg, own=TRAIN_OWN)
+    run = rebuilt.config
     with open_dict(run):
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        overrides = _command_line_overrides() or []
-        for override, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
-            key = parsed.key_or_group
-            if key == "ckpt_path" or key.split(".")[0] in TRAIN_OWN:
-                continue  # the command's own anyway
-            if parsed.package or "." not in key and key not in cfg:  # a group that composes into other keys
-                ignored.append(override)  # (experiment, debug, masking): its values are in the checkpoint's config
-                continue
-            value = OmegaConf.select(cfg, key, default=_ABSENT)
-            if parsed.is_delete() or value is _ABSENT:  # ~key
-                parent, _, leaf = key.rpartition(".")
-                node = OmegaConf.select(run, parent) if parent else run
-                if isinstance(node, DictConfig) and leaf in node:
-                    node.pop(leaf)
-            else:  # a group (data=shards) as composed, its interpolations resolved in the rebuilt config
-                OmegaConf.update(run, key, cfg._get_node(key) if key in cfg else value, merge=False, force_add=True)
-            applied.append(override)
         run.ckpt_path = str(path)
     dirs, _ = preemption.checkpoint_dirs(run)
     elsewhere = Path(path).resolve().parent not in {d.resolve() for d in dirs}
-    log.info("resuming %s with the run's config from the checkpoint%s%s%s", path,
-             f"; from the command line: {' '.join(applied)}" if applied else "",
-             f"; ignored (they compose a new config; give key=value to change a value): {' '.join(ignored)}"
-             if ignored else "",
+    log.info("resuming %s with the run's config from the checkpoint%s%s", path, describe(rebuilt),
              f"; new checkpoints go to {dirs[0]} (best-* among the epochs from here on; to go on in the run's own "
              f"folder: hydra.run.dir=<that folder> ckpt_path=auto)" if elsewhere and dirs else "")
     return run
 
 
-def _command_line_overrides() -> list[str] | None:
-    """The overrides given on the command line (`data.root=...`, `+data.x=...`); None outside Hydra's app."""
-    if not HydraConfig.initialized():
-        return None
-    return list(HydraConfig.get().overrides.task)
+# What an evaluation takes from its own command (evaluate.yaml), and its settings that are not the run's.
+EVAL_OWN = ("paths", "logger", "callbacks", "group", "tags", "progress", "progress_every_n_steps", "trainer")
+EVAL_SETTINGS = ("split", "protocol", "probe", "eval_inputs", "zero_input", "unimodal_eval", "run_name")
 
 
-def _command_line_keys(prefix: str) -> set[str] | None:
-    """The `prefix.*` keys set on the command line (`data.root=...`, `+data.x=...`); None outside Hydra's app."""
-    overrides = _command_line_overrides()
-    if overrides is None:
-        return None
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    return {k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)}
-
-
-def eval_data(cfg: DictConfig, run: DictConfig) -> DictConfig:
-    """The data config of an evaluation. It is the checkpoint's (the sampling the model was trained with:
-    frame rate, audio alignment, views), with the `data.*` values given on the command line on top. `data=GROUP`
-    is accepted: with the checkpoint's own loader it changes nothing but the given values (so `data=shards
-    data.root=DIR` evaluates on other shards exactly as trained); with another loader (a checkpoint trained on
-    synthetic or mixed data) the group's config replaces the checkpoint's, as train.py would compose it."""
-    given = OmegaConf.to_container(cfg.get("data") or {}, resolve=False)  # interpolations read the run's model
-    target = given.get("_target_")
-    if target and target != run.data.get("_target_"):
-        return OmegaConf.create({k: v for k, v in given.items() if v is not None})
-    # a group's own values are not "given" (outside Hydra's command line, e.g. compose() in tests, they are)
-    keys = _command_line_keys("data.") if target else None
-    return OmegaConf.merge(run.data, {k: v for k, v in given.items()
-                                      if v is not None and k != "_target_" and (keys is None or k in keys)})
-
-
-def evaluate(cfg: DictConfig) -> dict[str, float]:
+def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, float]:
     """Test-set metrics of a checkpoint for A, V and A+V inputs; printed as a table, saved as metrics.json,
-    the run reports written by the RunReports callback (evaluate.yaml `callbacks`), logged by `logger=...`."""
+    the run reports written by the RunReports callback (evaluate.yaml `callbacks`), logged by `logger=...`.
+    The run is the checkpoint's with `overrides` on top (the command line's: evaluate.py passes Hydra's; outside
+    Hydra's app, the caller's), e.g. data.root=DIR: zorro.checkpoint.rebuild_config."""
     _log_once()
     check_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "data"]))  # data: checked once merged
-    ckpt, run = rebuild_run(cfg, cfg.ckpt_path, ("paths", "logger", "callbacks", "group", "tags", "progress",
-                                                 "progress_every_n_steps"))
+    ckpt, saved = load_checkpoint(cfg.ckpt_path)
+    rebuilt = rebuild_config(saved, overrides, cfg, own=EVAL_OWN, command_keys=EVAL_SETTINGS)
+    log.info("evaluating %s with the run's config from the checkpoint%s", cfg.ckpt_path, describe(rebuilt))
+    run = rebuilt.config
     with open_dict(run):
-        run.data = eval_data(cfg, run)
-        run.trainer = cfg.trainer
         if "eval_inputs" in run.task:  # supervised checkpoints: how the V / A / A+V settings are evaluated
             if cfg.get("eval_inputs") is not None:  # (null: the checkpoint's own, e.g. [audio] for ESC-50)
                 run.task.eval_inputs = list(cfg.eval_inputs)
@@ -445,8 +371,6 @@ def check_scored(datamodule, trainer, metrics: dict[str, float], stage: str, spl
         return
     scored = int(metrics.get(f"{stage}/num_clips", 0))
     if scored < expected:
-        from .data.stream import DataError
-
         raise DataError(f"the {split!r} evaluation scored {scored} of the {expected} clips its manifest lists: "
                         f"shards or clips were unreadable (the warnings above name them); no {stage} metrics "
                         f"are reported")

@@ -1,8 +1,8 @@
 """Shards that end early or stall, locally and over HTTP (tests/data/faulty_http.py: bodies cut with and without
 Content-Length, a server that stops sending): every lost sample is counted as unreadable (data/skipped) with a
 warning naming the shard, a stalled read gives up within data.read_timeout, a cut download is never cached, and
-an evaluation that scored fewer clips than its split holds is an error. The manifests here are the older kind
-(sample counts only) unless a test adds sizes and digests, as data_prep writes them now."""
+an evaluation that scored fewer clips than its split holds is an error. The manifests here hold sample counts
+only unless a test adds sizes and digests, as data_prep writes them."""
 
 import hashlib
 import json
@@ -60,7 +60,7 @@ def whole(tmp_path_factory):
 
 def cut_copy(whole, root, how: str, shards=("train-000000.tar",), digests=False):
     shutil.copytree(whole, root)
-    if digests:  # what data_prep records now: the size and sha256 of each shard as written
+    if digests:  # what data_prep records: the size and sha256 of each shard as written
         manifest = json.loads((root / "manifest.json").read_text())
         for split in manifest["splits"].values():
             for s in split["shards"]:
@@ -189,8 +189,8 @@ def checkpoint(whole, tmp_path_factory):
 
 
 def evaluate_on(checkpoint, root, out):
-    return evaluate(compose_cfg("evaluate", overrides=[f"ckpt_path={checkpoint}", f"data.root={root}",
-                                                       "eval_inputs=[audio_video]"], output_dir=out))
+    overrides = [f"ckpt_path={checkpoint}", f"data.root={root}", "eval_inputs=[audio_video]"]
+    return evaluate(compose_cfg("evaluate", overrides=overrides, output_dir=out), overrides)
 
 
 def test_an_evaluation_that_scored_fewer_clips_than_the_split_fails(checkpoint, whole, tmp_path):

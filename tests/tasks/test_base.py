@@ -9,7 +9,8 @@ from zorro.data.info import DatasetInfo
 from zorro.data.shards import ShardDataModule
 from zorro.models import MODELS, zorro_vit_tiny
 from zorro.tasks import CAVMAEPretrainTask, ContrastiveTask, SupervisedTask
-from zorro.tasks.base import checkpoint_run, float_audio, mark_absent
+from zorro.checkpoint import checkpoint_run
+from zorro.data.batch import float_audio, mark_absent
 
 from ..models.helpers import inputs
 
@@ -164,8 +165,8 @@ def test_a_checkpoint_carries_the_run_config_and_dataset_as_hyperparameters(tmp_
 
 
 def test_a_checkpoint_with_the_unused_two_streams_fusion_copies_still_loads_strictly():
-    """Before separate weights were built only for the routing's groups, two_streams checkpoints carried a fusion
-    copy of every per-group layer (never used by a step); such a checkpoint still loads, with its weights."""
+    """A two_streams checkpoint that carries a fusion copy of every per-group layer (an older layout: separate
+    weights built for every group, the fusion copies used by no step) still loads, with its weights."""
     task = supervised(zorro_vit_tiny(masking="two_streams", separate_weights=True))
     assert not any(".parts.fusion." in k for k in task.state_dict())
     old = {k: v.clone() + 1 for k, v in task.state_dict().items()}

@@ -164,8 +164,8 @@ def test_the_recipes_batch_and_negatives_are_the_papers():
     """cav_mae_pretrain: batch 48 with NCE groups of 12 (48 on 4 GPUs) and the LR read at batch 48;
     cav_mae_finetune: the official head, learned positions, smoothing and 10x head LR."""
     pre = compose_cfg(overrides=["experiment=cav_mae_pretrain", "data.root=x", "pretrained=x"])
-    assert (pre.data.batch_size, pre.task.contrastive_batch, pre.optimizer.lr_reference_batch) == (48, 12, 48)
+    assert (pre.data.batch_size, pre.task.contrastive_batch, pre.task.lr_reference_batch) == (48, 12, 48)
     fine = compose_cfg(overrides=["experiment=cav_mae_finetune", "data.root=x", "init_from=x"])
     assert (fine.model.head, fine.model.trainable_pos, fine.task.smoothing, fine.task.head_lr_scale) == (
         "official", True, "cav_mae", 10)
-    assert (fine.data.batch_size, fine.optimizer.lr_reference_batch) == (48, 48)
+    assert (fine.data.batch_size, fine.task.lr_reference_batch) == (48, 48)

@@ -115,8 +115,8 @@ def test_the_mbt_model_config_carries_asts_masks(tmp_path):
 def test_lr_is_scaled_with_the_global_batch_of_a_two_device_run():
     """lr = base_lr x (per-device batch x devices x nodes x accumulation) / reference: 0.5 x 16 x 2 x 4 / 64 = 1.0."""
     task = SupervisedTask(backbone=mbt_tiny(), dataset=DatasetInfo(num_classes=5, multi_label=True),
-                          optimizer=functools.partial(torch.optim.SGD, lr=0.5, momentum=0.9, lr_reference_batch=64))
-    assert task.lr_reference_batch == 64 and "lr_reference_batch" not in task.optimizer_factory.keywords
+                          optimizer=functools.partial(torch.optim.SGD, lr=0.5, momentum=0.9), lr_reference_batch=64)
+    assert task.lr_reference_batch == 64 and task.hparams["lr_reference_batch"] == 64
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", accumulate_grad_batches=4, logger=False,
                          enable_checkpointing=False)
     data = SyntheticDataModule(batch_size=16, num_frames=4, image_size=64, sample_rate=16000, clip_seconds=1.28)

@@ -181,7 +181,7 @@ def test_entangled_maskings_keep_the_zero_filled_evaluation(masking):
 
 
 def test_zero_input_raw_feeds_silence_and_black_frames():
-    from zorro.tasks.base import model_inputs
+    from zorro.data.batch import model_inputs
 
     audio, video = inputs(batch=2)
     batch = {"audio": audio, "video": video}

@@ -11,12 +11,12 @@ from typing import Sequence
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from ..errors import ConfigError, DataError
 from .clips import ClipSampler
 from .device import collate
 from .info import DatasetInfo
-from ..config import ConfigError
 from .reading import READ_RETRIES, READ_TIMEOUT, is_url, read_manifest, shard_url
-from .stream import DataError, ShardStream, assign_shards, rank_world, samples_per_slot
+from .stream import ShardStream, assign_shards, rank_world, samples_per_slot
 
 
 class ShardDataModule(pl.LightningDataModule):

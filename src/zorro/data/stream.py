@@ -18,14 +18,11 @@ from typing import Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..errors import DataError  # noqa: F401  (zorro.data.stream.DataError)
 from .clips import ClipSampler
 from .reading import Counted, first_line, open_shard, stream_samples
 
 log = logging.getLogger(__name__)
-
-
-class DataError(RuntimeError):
-    """Too much of the training data is unreadable (data.max_bad_fraction)."""
 
 
 def assign_shards(counts: Sequence[int], slots: int) -> list[list[int]]:

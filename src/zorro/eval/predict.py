@@ -18,20 +18,20 @@ import sys
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from ..tasks.base import checkpoint_run
+from ..checkpoint import checkpoint_run, load_checkpoint, rebuild_config
 from ..data.media import MediaError, decode_media
 from ..data.transforms import crop_resize, eval_crop_boxes, window_audio, window_frame_indices, window_starts
 
 
-def load_predictor(ckpt_path: str):
-    """(task in eval mode, class names, sampling settings) from a checkpoint written by train.py."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    config, info = checkpoint_run(ckpt)
+def load_predictor(ckpt_path: str, overrides=()):
+    """(task in eval mode, class names, sampling settings) from a checkpoint written by train.py: its run
+    (zorro.checkpoint.rebuild_config), with `overrides` (key=value) on top."""
+    ckpt, saved = load_checkpoint(ckpt_path)
+    info = checkpoint_run(ckpt)[1]
     if info is None:
         raise ValueError(f"{ckpt_path} lacks the class names; was it written by train.py?")
-    run = OmegaConf.create(config)
+    run = rebuild_config(saved, overrides).config
     if not hasattr(instantiate(run.task, _partial_=True).func, "predict_probs"):
         raise ValueError("prediction needs a classifier checkpoint (task=supervised)")
     task = instantiate(run.task, backbone=instantiate(run.model), dataset=info, optimizer=None)

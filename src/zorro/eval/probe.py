@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
-from ..config import ConfigError
-from ..tasks import EVAL_INPUTS
+from ..errors import ConfigError
+from ..protocol import EVAL_INPUTS, metric_key
 from ..tasks.metrics import ClipPredictions, classification_scores
 
 log = logging.getLogger("zorro")
@@ -109,7 +109,7 @@ def probe_metrics(train: dict, test: dict, *, num_classes: int, multi_label: boo
             clips = ClipPredictions()
             clips.update(p, test["labels"], test["keys"])
             scores = classification_scores(*clips.compute(), multi_label=multi_label)
-            metrics.update({f"probe/{setting}/{name}/{k}": float(v) for k, v in scores.items()})
+            metrics.update({metric_key("probe", setting, name, k): float(v) for k, v in scores.items()})
     return metrics
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix, multilabel_average_precision
 
+from ..protocol import metric_key
 from ..tasks.retrieval import retrieval_recall
 from .tables import COLUMNS, cells, head_rows, write_csv
 
@@ -209,11 +210,11 @@ def write_training_curves(out: Path, train_loss: list[tuple[int, float]], valida
     last = validations[-1] if validations else {}
     table = cells(last, "val")  # {(head, metric): {inputs: value}}
     metric = next((m for _, m in table), None)
-    lines = {f"{head} head, A+V": (f"val/audio_video/{head}/{m}", "o-") for (head, m), row in table.items()
+    lines = {f"{head} head, A+V": (metric_key("val", "audio_video", head, m), "o-") for (head, m), row in table.items()
              if m == metric and "audio_video" in row}
     if metric:
-        lines["V (video head, audio zeroed)"] = (f"val/video/video/{metric}", "s--")
-        lines["A (audio head, video zeroed)"] = (f"val/audio/audio/{metric}", "s--")
+        lines["V (video head, audio zeroed)"] = (metric_key("val", "video", "video", metric), "s--")
+        lines["A (audio head, video zeroed)"] = (metric_key("val", "audio", "audio", metric), "s--")
     elif "val/score" in last:
         lines["val/score"] = ("val/score", "o-")
     for label, (key, style) in lines.items():

@@ -1,14 +1,14 @@
 """The one V / A / A+V table formatter: the run's per-head table and Table-3 line (train.py / evaluate.py), the
 sweep report's Markdown/CSV and a run report's table.csv all read metrics and print cells through here.
 
-Metric keys are `<stage>/<inputs>/<head>/<metric>`, inputs one of audio_video / audio / video (the other
-modality zeroed), head an output name or `avg` (the averaged prediction)."""
+Metric keys are zorro.protocol's `<stage>/<inputs>/<head>/<metric>`."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Sequence
+
+from ..protocol import metric_key, own_head, parse_metric_key
 
 COLUMNS = (("video", "V"), ("audio", "A"), ("audio_video", "A+V"))
 HEAD_ORDER = {"audio": 0, "video": 1, "fusion": 2, "global": 3, "avg": 4}
@@ -20,21 +20,13 @@ HEAD_ORDER = {"audio": 0, "video": 1, "fusion": 2, "global": 3, "avg": 4}
 READINGS = ("own", "avg", "audio", "video", "fusion", "global")
 
 
-def own_head(inputs: str, output_names: Sequence[str] | None = None) -> str:
-    """The head a Table-3 column reads: V the video head, A the audio head (each sees its modality; Table 3's
-    "two streams A 40.1 above Zorro's 39.7" only reads this way), A+V the average of all heads. Backbones
-    without that unimodal head (`output_names` lacks it) fall back to the average."""
-    unimodal = inputs in ("audio", "video") and (output_names is None or inputs in output_names)
-    return inputs if unimodal else "avg"
-
-
 def column_head(inputs: str, reading: str) -> str:
     return own_head(inputs) if reading == "own" else reading
 
 
 def metric_name(metrics: dict, stage: str) -> str | None:
     for name in ("mAP", "top1", "R@1"):
-        if any(k.startswith(f"{stage}/") and k.endswith(f"/{name}") for k in metrics):
+        if any((key := parse_metric_key(k)) and key.stage == stage and key.metric == name for k in metrics):
             return name
     return None
 
@@ -49,7 +41,7 @@ def table_stage(metrics: dict, stage: str = "auto") -> str:
 def column_value(metrics: dict, stage: str, inputs: str, reading: str, metric: str) -> float | None:
     """The Table-3 cell; an own-head reading falls back to the average for backbones without that head."""
     for head in dict.fromkeys((column_head(inputs, reading), "avg" if reading == "own" else None)):
-        if head and (key := f"{stage}/{inputs}/{head}/{metric}") in metrics:
+        if head and (key := metric_key(stage, inputs, head, metric)) in metrics:
             return metrics[key]
     return None
 
@@ -80,11 +72,10 @@ def percent(value: float | None, digits: int = 1) -> str:
 def cells(metrics: dict[str, float], stage: str) -> dict[tuple[str, str], dict[str, float]]:
     """{(head, metric): {inputs: value}} of `stage`, heads in the order audio, video, fusion, global, avg."""
     found: dict[tuple[str, str], dict[str, float]] = {}
-    inputs_names = {inputs for inputs, _ in COLUMNS}
     for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) == 4 and parts[0] == stage and parts[1] in inputs_names:
-            found.setdefault((parts[2], parts[3]), {})[parts[1]] = value
+        parsed = parse_metric_key(key)
+        if parsed and parsed.stage == stage:
+            found.setdefault((parsed.head, parsed.metric), {})[parsed.inputs] = value
     return {hm: found[hm] for hm in sorted(found, key=lambda hm: (HEAD_ORDER.get(hm[0], 9), hm))}
 
 

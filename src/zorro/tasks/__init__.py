@@ -1,8 +1,11 @@
 """LightningModules. Model-agnostic: they only see the backbone's output dict."""
 
-from .base import EVAL_INPUTS, BaseTask, cosine_with_warmup, modality_flags
+from ..data.batch import modality_flags
+from ..protocol import EVAL_INPUTS
+from .base import BaseTask
 from .cav_mae import CAVMAEPretrainTask
 from .contrastive import ContrastiveTask, nce_loss
+from .optim import cosine_with_warmup
 from .retrieval import RetrievalTask
 from .supervised import SupervisedTask
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..data.batch import modality_flags, num_samples
+from ..errors import ConfigError
 from ..models.cav_mae import MASK_MODES
-from .base import modality_flags, num_samples
 from .contrastive import nce_loss
 from .retrieval import RetrievalTask, clip_embeddings
 
@@ -60,8 +60,10 @@ class CAVMAEPretrainTask(RetrievalTask):
     def __init__(self, *, backbone: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  mask_ratio: float = 0.75, mask_mode: str = "random", reconstruction_weight: float = 1.0,
                  contrastive_weight: float = 0.01, temperature: float = 0.05, normalizer: str = "video_to_audio",
-                 contrastive_batch: int | None = None, config: dict | None = None, dataset=None):
-        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, config=config, dataset=dataset)
+                 contrastive_batch: int | None = None, lr_reference_batch: int | None = None,
+                 config: dict | None = None, dataset=None):
+        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler,
+                         lr_reference_batch=lr_reference_batch, config=config, dataset=dataset)
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         if normalizer not in NORMALIZERS:

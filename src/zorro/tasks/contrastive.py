@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batch import modality_flags, num_samples
 from ..models.routing import isolated_outputs
-from .base import modality_flags, num_samples
 from .retrieval import RetrievalTask, clip_embeddings
 
 # eq. 2: audio-video only; eq. 3: + audio-fusion + video-fusion (third projector for the fusion output).
@@ -42,7 +42,7 @@ class Projector(nn.Module):
             raise ValueError(f"projector_norm must be one of {PROJECTOR_NORMS}, got {norm!r}")
         norm_layer = {"batchnorm": lambda: nn.BatchNorm1d(hidden_dim), "layernorm": lambda: nn.LayerNorm(hidden_dim),
                       "none": nn.Identity}[norm]()
-        # (Sequential keeps the checkpoint keys of earlier versions: net.0 / net.1 / net.3)
+        # a Sequential: the checkpoint keys are net.0 / net.1 / net.3
         self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), norm_layer, nn.ReLU(inplace=True),
                                  nn.Linear(hidden_dim, out_dim))
 
@@ -91,8 +91,9 @@ class ContrastiveTask(RetrievalTask):
     def __init__(self, *, backbone: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  loss: str = "auto", temperature: float = 0.05, normalizer: str = "joint",
                  projector_hidden_dim: int = 2048, projector_dim: int = 512, projector_norm: str = "batchnorm",
-                 config: dict | None = None, dataset=None):
-        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, config=config, dataset=dataset)
+                 lr_reference_batch: int | None = None, config: dict | None = None, dataset=None):
+        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler,
+                         lr_reference_batch=lr_reference_batch, config=config, dataset=dataset)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.loss_name = choose_loss(loss, backbone)

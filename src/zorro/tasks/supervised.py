@@ -8,10 +8,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..data.batch import float_audio, model_inputs, modality_flags, presence
 from ..data.info import DatasetInfo
-from ..eval.tables import own_head
 from ..models.routing import OUTPUTS
-from .base import EVAL_INPUTS, ZERO_INPUTS, BaseTask, float_audio, model_inputs, modality_flags, presence
+from ..protocol import EVAL_INPUTS, ZERO_INPUTS, metric_key, own_head
+from .base import BaseTask
 from .metrics import ClipPredictions, classification_scores
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,9 @@ class SupervisedTask(BaseTask):
                  modality_mixup: bool = False, eval_inputs: Sequence[str] = EVAL_INPUTS, shared_head: bool = False,
                  combine: str = "probs", unimodal_eval: str = "auto", zero_input: str = "normalised",
                  smoothing: str = "standard", head_lr_scale: float = 1.0, loss_reduction: str = "mean",
-                 view_average: str = "probs", config: dict | None = None):
-        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler, config=config, dataset=dataset)
+                 view_average: str = "probs", lr_reference_batch: int | None = None, config: dict | None = None):
+        super().__init__(backbone=backbone, optimizer=optimizer, scheduler=scheduler,
+                         lr_reference_batch=lr_reference_batch, config=config, dataset=dataset)
         if not set(eval_inputs) <= set(EVAL_INPUTS):
             raise ValueError(f"eval_inputs must be a subset of {EVAL_INPUTS}, got {list(eval_inputs)}")
         if unimodal_eval not in UNIMODAL_EVAL:
@@ -275,12 +278,12 @@ class SupervisedTask(BaseTask):
                 # all heads averaged, or its own head where it runs alone (ESC-50's [audio]), for the reports
                 averaged[inputs] = (probs.cpu(), labels.reshape(probs.shape[0], *labels.shape[1:]).cpu())
             for metric, value in classification_scores(probs, labels, multi_label=self.dataset.multi_label).items():
-                values[f"{stage}/{inputs}/{name}/{metric}"] = value
+                values[metric_key(stage, inputs, name, metric)] = value
             values[f"{stage}/num_clips"] = torch.tensor(float(probs.shape[0]))
             predictions.reset()
         # what checkpointing monitors: the first eval setting, read as the Table-3 column (A: the audio head)
         scored = [i for i in self.eval_inputs if not absent & set(i.split("_"))] or list(self.eval_inputs)
-        primary = f"{stage}/{scored[0]}/{own_head(scored[0], self.output_names)}/{self.metric_name}"
+        primary = metric_key(stage, scored[0], own_head(scored[0], self.output_names), self.metric_name)
         if primary in values:
             values[f"{stage}/score"] = values[primary]
         if dropped and stage not in self._told_absent:
