@@ -35,7 +35,8 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["AVBackbone", "InputEmbed", "upgrade_state_dict", "GROUPS", "MASKINGS", "OUTPUTS", "MODELS", "Routing", "TokenLayout", "count_parameters",
+__all__ = ["AVBackbone", "InputEmbed", "upgrade_state_dict",
+           "GROUPS", "MASKINGS", "OUTPUTS", "MODELS", "Routing", "TokenLayout", "count_parameters",
            "create_model",
            "ZorroViT", "zorro_vit_base", "zorro_vit_tiny", "ZorroSwin", "zorro_swin_base", "zorro_swin_tiny",
            "ZorroHiP", "zorro_hip_base", "zorro_hip_tiny", "MBT", "mbt_base", "mbt_tiny",

@@ -6,10 +6,10 @@
         -> + positions of the configured grid resampled to the input's grid (+ HiP's Fourier features)
         -> + a modality-type embedding (CAV-MAE's E_a / E_v)
 
-Every backbone owns `audio_embed` and `video_embed`, both `InputEmbed`. Checkpoints written with the per-backbone
-names that came before (and the official layouts the converters read) name the same tensors differently;
-`input_module_key` is the one table that maps them to the module's names (pretrained.load_into and
-pretrained.upgrade_state_dict read every key through it).
+Every backbone owns `audio_embed` and `video_embed`, both `InputEmbed`. The suite's checkpoints of the earlier
+per-backbone layout (`audio_pos`, MBT's `audio.patch_embed.*`, ...) and the official layouts the converters read
+(CAV-MAE's `patch_embed_a.*`) name the same tensors differently; `input_module_key` is the one table that maps them
+to the module's names (pretrained.load_into and pretrained.upgrade_state_dict read every key through it).
 """
 
 from __future__ import annotations

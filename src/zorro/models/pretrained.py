@@ -244,8 +244,8 @@ def _summarise(keys: list[str], limit: int = 12) -> list[str]:
 
 # -- timm ViT / MAE -> the ViT backbones (key renames for load_into) -------------------------------------------
 def drop_unbuilt_group_copies(state: dict, expected: Iterable[str]) -> list[str]:
-    """The fusion copies `upgrade_state_dict` leaves out, removed from `state` in place; returns them.
-    (tasks/base.py's load_state_dict calls it until it calls upgrade_state_dict.)"""
+    """The fusion copies `upgrade_state_dict` leaves out, removed from `state` in place (tasks/base.py's
+    load_state_dict); returns them."""
     expected = set(expected)
     dropped = [k for k in state if ".parts.fusion." in k and k not in expected]
     for key in dropped:

@@ -308,7 +308,8 @@ class ZorroHiP(AVBackbone):
         return self.decoder(*concat_groups(x))
 
     def no_weight_decay(self) -> set[str]:
-        names = {"audio_embed.pos", "video_embed.pos", "decoder.queries", *(f"blocks.{i}.latents" for i in range(len(self.blocks)))}
+        names = {"audio_embed.pos", "video_embed.pos", "decoder.queries",
+                 *(f"blocks.{i}.latents" for i in range(len(self.blocks)))}
         return names | ({"fusion_latents"} if self.fusion_latents is not None else set())
 
 

@@ -138,7 +138,8 @@ class ZorroViT(AVBackbone):
         return self.decoder(self.norm(x, layout), layout)
 
     def no_weight_decay(self) -> set[str]:
-        return {"audio_embed.pos", "video_embed.pos", "decoder.queries", *(["fusion_latents"] if self.num_fusion else [])}
+        return {"audio_embed.pos", "video_embed.pos", "decoder.queries",
+                *(["fusion_latents"] if self.num_fusion else [])}
 
     def load_pretrained(self, path: str | Path) -> LoadReport:
         """timm ViT weights (local file, e.g. ImageNet-21k ViT-B/16) into the shared transformer.
