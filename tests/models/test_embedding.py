@@ -139,3 +139,24 @@ def test_a_longer_input_resamples_the_position_table(name):
             expected = expected + embed.fourier(fourier_features(grid, embed.grid, embed.fourier_bands))
         expected = expected + resample_pos_embed(embed.pos, embed.grid, grid)
     torch.testing.assert_close(tokens, expected)
+
+
+def test_a_saved_optimizer_state_follows_the_parameter_names():
+    """The renamed parameters moved in the parameter order: reorder_optimizer_state gives every parameter the
+    Adam moments it was saved with, whatever order the saved param groups listed them in."""
+    from zorro.models.pretrained import reorder_optimizer_state
+
+    torch.manual_seed(0)
+    named = dict(MODELS["zorro_hip_tiny"]().named_parameters())
+    new_groups = [[n for n, p in named.items() if p.ndim > 1], [n for n, p in named.items() if p.ndim <= 1]]
+    old_groups = [g[1::2] + g[::2] for g in new_groups]  # another order, in the same groups
+    saved = torch.optim.AdamW([{"params": [named[n] for n in g]} for g in old_groups])
+    sum((p * torch.randn_like(p)).sum() for p in named.values()).backward()
+    saved.step()
+    restored = torch.optim.AdamW([{"params": [named[n] for n in g]} for g in new_groups])
+    restored.load_state_dict(reorder_optimizer_state(saved.state_dict(), old_groups, new_groups))
+    for p in named.values():
+        assert torch.equal(restored.state[p]["exp_avg_sq"], saved.state[p]["exp_avg_sq"])
+    naive = torch.optim.AdamW([{"params": [named[n] for n in g]} for g in new_groups])
+    naive.load_state_dict(saved.state_dict())  # what loading it as saved would do
+    assert any(not torch.equal(naive.state[p]["exp_avg_sq"], saved.state[p]["exp_avg_sq"]) for p in named.values())

@@ -28,7 +28,7 @@ from .base import AVBackbone
 from .embedding import InputEmbed, sincos_pos_embed
 from .frontends import KaldiFbank, VideoFrontend
 from .layers import PatchEmbed
-from .pretrained import LoadReport, Unused, is_cav_mae_layout, load_into, load_state, model_keys, vit_into_cav_mae
+from .pretrained import LoadReport, Unused, is_cav_mae_layout, load_into, load_state, to_model_keys, vit_into_cav_mae
 
 MASK_MODES = ("random", "time", "freq", "tf")  # random: the paper's default ("unstructured"); the rest audio only
 HEADS = ("per_output", "official")
@@ -337,7 +337,7 @@ class CAVMAE(AVBackbone):
         own = set(self.state_dict())
 
         def explained(key: str):
-            dst = model_keys(rename(key))
+            dst = to_model_keys(rename(key))
             if not isinstance(dst, str) or dst in own:
                 return dst
             if dst.startswith(("decoder_", "mask_token")) and not self.has_decoder:

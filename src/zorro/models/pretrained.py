@@ -116,7 +116,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
     updates: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}  # model key -> the checkpoint key that wrote it
     for src_key, value in state.items():
-        dst = model_keys(rename(src_key) if rename else src_key)
+        dst = to_model_keys(rename(src_key) if rename else src_key)
         if isinstance(dst, Unused):
             report.unused(src_key, dst.reason)
             continue
@@ -149,7 +149,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
     return report
 
 
-def model_keys(dst):
+def to_model_keys(dst):
     """A rename's answer with every key in the model's names (input modules: `embedding.input_module_key`)."""
     if isinstance(dst, str):
         return input_module_key(dst)
@@ -178,6 +178,35 @@ def upgrade_state_dict(state: Mapping[str, torch.Tensor], model_keys: Iterable[s
         if new in out:
             raise ValueError(f"state-dict keys {key!r} and another both upgrade to {new!r}")
         out[new] = value
+    return out
+
+
+def reorder_optimizer_state(state: Mapping, old_groups: Sequence[Sequence[str]],
+                            new_groups: Sequence[Sequence[str]]) -> dict:
+    """An optimizer's state_dict saved while its param groups listed the parameters `old_groups` (names, in the
+    saved order) -> the same state for param groups listing `new_groups` (the same groups, names in the current
+    order): every parameter's state (e.g. Adam's moments) follows its name. The input modules' tensors moved in the
+    parameter order with their names (the root module's parameters come first), so a checkpoint's optimizer state
+    is read through this with `old_groups` = each group's names in the checkpoint's state-dict order (upgraded).
+    A name in `old_groups` that is in no new group loses its state. Pure: `state` is not modified."""
+    if len(old_groups) != len(new_groups) or len(state["param_groups"]) != len(old_groups):
+        raise ValueError(f"{len(state['param_groups'])} saved param groups, {len(old_groups)} old and "
+                         f"{len(new_groups)} new name lists: they must correspond one to one")
+    by_name, index = {}, 0
+    for names, group in zip(old_groups, state["param_groups"]):
+        if len(names) != len(group["params"]):
+            raise ValueError(f"a saved param group has {len(group['params'])} parameters, its names {len(names)}")
+        for name, i in zip(names, group["params"]):
+            by_name[name] = i
+    out = {"state": {}, "param_groups": []}
+    for names, group in zip(new_groups, state["param_groups"]):
+        params = []
+        for name in names:
+            if name in by_name and by_name[name] in state["state"]:
+                out["state"][index] = state["state"][by_name[name]]
+            params.append(index)
+            index += 1
+        out["param_groups"].append({**group, "params": params})
     return out
 
 
