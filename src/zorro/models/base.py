@@ -6,9 +6,9 @@
 Every backbone embeds its inputs through two `embedding.InputEmbed` modules, `audio_embed` and `video_embed`
 (front end, patch embedding, positions). A missing modality is a zero input, as in the paper (section 4.1): a
 modality passed as None, or absent for a sample (has_audio / has_video False), becomes zeros of the configured
-input size. Backbones whose fusion is a
-routing table (Zorro-ViT, -Swin, -HiP) list the maskings they implement in the class attribute `maskings`
-(config.check_node reads it); the baselines (MBT, CAV-MAE) have their own fixed fusion and no `maskings`.
+input size. Backbones whose fusion is a routing table (Zorro-ViT, -Swin, -HiP) list the maskings they implement in
+the class attribute `maskings` (config.check_node reads it); the baselines (MBT, CAV-MAE) have their own fixed
+fusion and no `maskings`.
 """
 
 from __future__ import annotations
