@@ -59,7 +59,7 @@ class InputEmbed(nn.Module):
             raise ValueError("a channels-last grid (flatten=False) takes no position or type embedding")
         self.grid, self.input_shape = tuple(grid), tuple(input_shape)
         self.dim, self.time_axis, self.flatten, self.trim = dim, time_axis, flatten, trim
-        self.positions, self.fourier_bands = pos, fourier_bands
+        self.pos_kind, self.fourier_bands = pos, fourier_bands
         self.frontend = frontend
         self.patch = patch
         if pos == "learned":
@@ -121,7 +121,7 @@ class InputEmbed(nn.Module):
         learned table resampled."""
         if tuple(grid) == self.grid:
             return self.pos
-        if self.positions == "sincos":
+        if self.pos_kind == "sincos":
             return sincos_pos_embed(self.dim, grid).to(x)
         return resample_pos_embed(self.pos, self.grid, grid)
 
