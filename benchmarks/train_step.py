@@ -55,8 +55,8 @@ def cpu_peak_flops(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float
 
 
 def make_batch(model, batch: int, device, num_classes: int):
-    T, S = model.video_grid[0], model.video_grid[1] * model.video_embed.patch_size
-    samples = int(round(model.audio_grid[1] * model.audio_embed.patch_size * model.audio_frontend.hop))
+    T, S = model.video_embed.grid[0], model.video_embed.grid[1] * model.video_embed.patch_size
+    samples = int(round(model.audio_embed.grid[1] * model.audio_embed.patch_size * model.audio_embed.frontend.hop))
     return {"video": torch.randint(0, 256, (batch, T, 3, S, S), dtype=torch.uint8, device=device),
             "audio": (torch.randn(batch, samples, device=device) * 3000).to(torch.int16),
             "label": torch.randint(0, num_classes, (batch,), device=device)}
@@ -178,7 +178,8 @@ def main() -> None:
 
     task, opt, step = build()
     model = task.backbone
-    layout = TokenLayout.of(audio=model.audio_pos.shape[1], fusion=model.num_fusion, video=model.video_pos.shape[1])
+    layout = TokenLayout.of(audio=model.audio_embed.pos.shape[1], fusion=model.num_fusion,
+                            video=model.video_embed.pos.shape[1])
     flops_clip = 3 * model_flops_per_clip(model, layout, model.routing)
     data = make_batch(model, batch, device, num_classes)
     for _ in range(3):  # warm-up: kernel selection, compilation, allocator
@@ -221,8 +222,9 @@ def main() -> None:
         from zorro.data.shards import ShardDataModule
 
         dm = ShardDataModule(root=args.shards, batch_size=batch, num_workers=args.workers,
-                             num_frames=model.video_grid[0], image_size=model.video_grid[1] * model.video_embed.patch_size,
-                             sample_rate=model.audio_frontend.sample_rate, pin_memory=cuda, epoch_length=100_000,
+                             num_frames=model.video_embed.grid[0],
+                             image_size=model.video_embed.grid[1] * model.video_embed.patch_size,
+                             sample_rate=model.audio_embed.frontend.sample_rate, pin_memory=cuda, epoch_length=100_000,
                              decode_on_device=args.decode_on_device)
         it, wait, total = iter(dm.train_dataloader()), 0.0, 0.0
         next(it)  # workers up

@@ -51,9 +51,9 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = create_model(f"zorro_vit_{args.size}", masking="zorro").to(device).eval()
-    T, (h, w) = model.video_grid[0], model.video_grid[1:]
+    T, (h, w) = model.video_embed.grid[0], model.video_embed.grid[1:]
     frames = torch.randint(0, 256, (args.batch, T, 3, h * model.video_embed.patch_size, w * model.video_embed.patch_size), dtype=torch.uint8, device=device)
-    samples = model.audio_grid[1] * model.audio_embed.patch_size * model.audio_frontend.hop  # the configured length
+    samples = model.audio_embed.grid[1] * model.audio_embed.patch_size * model.audio_embed.frontend.hop  # configured
     audio = (torch.randn(args.batch, samples, device=device) * 3000).to(torch.int16)
     none = torch.zeros(args.batch, dtype=torch.bool, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -67,7 +67,7 @@ def main() -> None:
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         same = torch.allclose(zero_filled()["audio"].float(), dropped()["audio"].float(), atol=1e-4, rtol=1e-3)
         t_zero, t_drop = timed(zero_filled, args.repeats), timed(dropped, args.repeats)
-    a, v = (int(torch.tensor(g).prod()) for g in (model.audio_grid, model.video_grid))
+    a, v = (int(torch.tensor(g).prod()) for g in (model.audio_embed.grid, model.video_embed.grid))
     dim, depth = model.output_dim, len(model.blocks)
     flops_zero = zorro_layer_flops(a, model.num_fusion, v, dim=dim, depth=depth)
     flops_drop = zorro_layer_flops(a, model.num_fusion, 0, dim=dim, depth=depth)

@@ -97,15 +97,59 @@ def test_an_old_layout_checkpoint_file_evaluates_and_resumes(tmp_path):
     assert build_task(run)[1].lr_reference_batch == 4
 
 
-@pytest.mark.parametrize("override", ["data=shards", "trainer=gpu"])
-def test_a_group_naming_the_checkpoints_own_target_keeps_its_config(override):
+def test_data_naming_the_checkpoints_own_loader_keeps_its_config_and_a_trainer_group_replaces():
     """`data=shards` on a checkpoint trained on shards keeps its sampling (frame rate, views); only the key=value
-    overrides change it. The same holds for any group: the checkpoint's trainer is kept under trainer=gpu."""
+    overrides change it. `trainer=gpu` is the machine, not what the model learned: the group's config replaces."""
     saved = OmegaConf.to_container(compose_cfg(overrides=["data=shards", "data.root=/old", "data.frame_rate=1.0",
                                                           "trainer.max_epochs=9"]), resolve=False)
-    overrides = [override, "data.root=/new"]
-    composed = compose_cfg(overrides=list(dict.fromkeys(["data=shards", *overrides])))
+    overrides = ["data=shards", "trainer=gpu", "data.root=/new"]
+    composed = compose_cfg(overrides=overrides)
     rebuilt = rebuild_config(saved, overrides, composed)
-    assert rebuilt.kept == [override] and rebuilt.applied == ["data.root=/new"]
+    assert rebuilt.kept == ["data=shards"] and rebuilt.applied == ["trainer=gpu", "data.root=/new"]
     assert rebuilt.config.data.frame_rate == 1.0 and rebuilt.config.data.root == "/new"
-    assert rebuilt.config.trainer == saved["trainer"]
+    assert rebuilt.config.trainer.accelerator == composed.trainer.accelerator != saved["trainer"]["accelerator"]
+
+
+def test_resuming_an_old_layout_checkpoint_keeps_each_parameters_optimizer_state(tmp_path):
+    """The input modules' tensors were renamed and moved in the parameter order: Lightning's restore (through
+    on_load_checkpoint) gives every parameter its own Adam moments back, not those of the tensor at its old index."""
+    from zorro.run import build_task
+
+    from .models.test_embedding import old_layout
+
+    cfg = compose_cfg(overrides=["debug=tiny", "logger=none"], output_dir=tmp_path / "run")
+    task = build_task(cfg)[1]
+    groups = task.param_group_names()
+    named = dict(task.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": [named[n] for n in g]} for g in groups])
+    for p in task.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    moments = {n: optimizer.state[named[n]]["exp_avg"] for g in groups for n in g}
+
+    # the earlier layout: old names, and the input modules' tensors in other places of the parameter order
+    old_names = {f"backbone.{o}": f"backbone.{n}" for o, n in
+                 zip(old_layout("zorro_vit_tiny", dict.fromkeys(task.backbone.state_dict())),
+                     task.backbone.state_dict())}
+    assert set(old_names) != set(old_names.values())
+    new_to_old = {n: o for o, n in old_names.items()}
+    state = {new_to_old.get(k, k): v for k, v in task.state_dict().items()}
+    order = sorted(state, key=lambda k: k in old_names and old_names[k] != k)  # renamed tensors last
+    state = {k: state[k] for k in order}
+    saved_groups = [sorted(g, key=lambda n: order.index(new_to_old.get(n, n))) for g in groups]
+    assert saved_groups != groups
+    flat = [n for g in saved_groups for n in g]
+    saved = optimizer.state_dict()
+    saved["state"] = {i: optimizer.state_dict()["state"][[m for g in groups for m in g].index(n)]
+                      for i, n in enumerate(flat)}
+    index = iter(range(len(flat)))
+    saved["param_groups"] = [{**pg, "params": [next(index) for _ in g]} for pg, g in zip(saved["param_groups"],
+                                                                                        saved_groups)]
+    checkpoint = {"state_dict": state, "optimizer_states": [saved]}
+
+    resumed = build_task(cfg)[1]
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])
+    restored = checkpoint["optimizer_states"][0]
+    for i, name in enumerate(n for g in resumed.param_group_names() for n in g):
+        assert torch.equal(restored["state"][i]["exp_avg"], moments[name]), name

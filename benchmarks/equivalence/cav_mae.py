@@ -201,16 +201,15 @@ def compare(out: Path) -> list[tuple[str, str, float]]:
         _accounted(report, out / "pretrained.pth"))
     model = model.double().eval()
     with torch.no_grad():
-        row("frontend: fbank of the same wav (float32)", _max(model.audio_frontend(wav).squeeze(1).transpose(1, 2),
-                                                             ref["fbank"]))
-        row("frontend: normalised frame of the same jpg", _max(model.video_frontend(frames)[:, 0], ref["image"]))
+        row("frontend: fbank of the same wav (float32)",
+            _max(model.audio_embed.frontend(wav).squeeze(1).transpose(1, 2), ref["fbank"]))
+        row("frontend: normalised frame of the same jpg", _max(model.video_embed.frontend(frames)[:, 0], ref["image"]))
         spec = ref["fbank"].double().transpose(1, 2).unsqueeze(1)
         a, _, _ = model.encode_audio(spec)
         v, _, _ = model.encode_video(ref["image"].double())
         row("embed audio (patches + positions + E_a)",
-            _max(model.patch_embed_a(spec) + model.pos_embed_a + model.modality_a, ref["embed audio"]))
-        row("embed video", _max(model.patch_embed_v(ref["image"].double()) + model.pos_embed_v + model.modality_v,
-                                ref["embed video"]))
+            _max(model.audio_embed.tokens(spec), ref["embed audio"]))
+        row("embed video", _max(model.video_embed.tokens(ref["image"].double()), ref["embed video"]))
         row("blocks_a (11 audio layers)", _max(a, ref["blocks_a"]))
         row("blocks_v (11 video layers)", _max(v, ref["blocks_v"]))
         x, ca, cv = model.joint(torch.cat([a, v], 1), "joint"), model.joint(a, "audio"), model.joint(v, "video")

@@ -114,8 +114,8 @@ def main(scenic_dir: str, python: str | None = None) -> list[tuple[str, str, flo
             outputs = task(batch)
             logits = task.predict_scores(batch, outputs=outputs)["avg"]
             loss, _ = task.compute_loss(batch)
-            spec = model.audio_frontend(audio)  # B x 1 x mel x time
-            frames = model.video_frontend(video)  # B x T x 3 x H x W, in [-1, 1]
+            spec = model.audio_embed.frontend(audio)  # B x 1 x mel x time
+            frames = model.video_embed.frontend(video)  # B x T x 3 x H x W, in [-1, 1]
         data = {"spectrogram": spec[:, 0].transpose(1, 2)[..., None].repeat(1, 1, 1, 3).double().numpy(),
                 "rgb": frames.permute(0, 1, 3, 4, 2).double().numpy(), "label": label.double().numpy(),
                 "bottleneck": model.bottleneck.detach().double().numpy(),
@@ -133,7 +133,7 @@ def main(scenic_dir: str, python: str | None = None) -> list[tuple[str, str, flo
             raise RuntimeError(f"scenic's side failed:\n{proc.stderr[-4000:]}")
         ref = dict(np.load(tmp / "out.npz"))
 
-    freq, time = model.audio.grid
+    freq, time = model.audio_embed.grid
     n_a = 1 + freq * time
 
     def scenic_order(tokens: torch.Tensor) -> np.ndarray:

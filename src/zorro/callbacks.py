@@ -73,7 +73,7 @@ def save_reconstruction(backbone, batch: dict, path: Path, *, num_samples: int =
         backbone.train(was_training)
     columns = ("input", f"masked ({mask_ratio:.0%})", "reconstruction")
     rows = []
-    for name, grid in (("video", backbone.video_grid), ("audio", backbone.audio_grid)):
+    for name, grid in (("video", backbone.video_embed.grid), ("audio", backbone.audio_embed.grid)):
         patches, pred, mask = out[f"{name}_patches"].float(), out[f"{name}_pred"].float(), out[f"{name}_mask"]
         if getattr(backbone, "norm_pix_loss", False):  # back to the input's scale, patch by patch
             pred = pred * (patches.var(-1, keepdim=True) + 1e-6).sqrt() + patches.mean(-1, keepdim=True)
@@ -89,7 +89,7 @@ def save_reconstruction(backbone, batch: dict, path: Path, *, num_samples: int =
             for c, image in enumerate(images):
                 ax = axes[2 * i + r, c]
                 if name == "video":  # the frontend's normalisation undone for display
-                    frontend = backbone.video_frontend
+                    frontend = backbone.video_embed.frontend
                     rgb = (image[i] * frontend.std.view(3, 1, 1).cpu() + frontend.mean.view(3, 1, 1).cpu()) / 255
                     shown = torch.where(rgb.isnan(), 0.5, rgb).clamp(0, 1).permute(1, 2, 0)
                     ax.imshow(shown.numpy())

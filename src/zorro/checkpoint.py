@@ -13,10 +13,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from .data.info import DatasetInfo
 from .errors import ConfigError
-from .models.pretrained import drop_unbuilt_group_copies
+from .models import upgrade_state_dict
+from .models.pretrained import reorder_optimizer_state
 
 
-def upgrade_checkpoint(ckpt: dict, model_keys: Iterable[str] | None = None) -> dict:
+def upgrade_checkpoint(ckpt: dict, model_keys: Iterable[str] | None = None,
+                       param_groups: Sequence[Sequence[str]] | None = None) -> dict:
     """`ckpt` in the current layout (timm's checkpoint_filter_fn): every checkpoint-compatibility shim is here, and
     every reader goes through it (load_checkpoint, checkpoint_run, BaseTask.load_state_dict: Lightning's restore,
     evaluate.py, predict, the probe). A new dict (`ckpt` is not changed); applying it twice changes nothing.
@@ -24,8 +26,11 @@ def upgrade_checkpoint(ckpt: dict, model_keys: Iterable[str] | None = None) -> d
     - the run config and dataset kept as top-level `zorro_config` / `zorro_dataset`: moved into the hyper-parameters
       (`config`, `dataset`), where BaseTask's save_hyperparameters keeps them;
     - `optimizer.lr_reference_batch` in the run config: the task's setting `task.lr_reference_batch`;
-    - with `model_keys` (the state-dict keys of the task that loads it): the per-group copies of layers the
-      routing does not build (two_streams' fusion copies of separate weights) dropped from the state dict."""
+    - with `model_keys` (the state-dict keys of the task that loads it): the state dict in the current names
+      (models.upgrade_state_dict: the input modules' earlier names, the unbuilt fusion copies left out);
+    - with `param_groups` too (the names in each of the task's optimizer param groups, in order): a saved optimizer
+      state whose parameters were renamed follows its parameters' names (Adam's moments stay with their tensors:
+      the renamed tensors also moved in the parameter order)."""
     ckpt = dict(ckpt)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     for old, new in (("zorro_config", "config"), ("zorro_dataset", "dataset")):
@@ -43,9 +48,18 @@ def upgrade_checkpoint(ckpt: dict, model_keys: Iterable[str] | None = None) -> d
     if hparams or "hyper_parameters" in ckpt:
         ckpt["hyper_parameters"] = hparams
     if model_keys is not None and "state_dict" in ckpt:
-        state = dict(ckpt["state_dict"])
-        drop_unbuilt_group_copies(state, model_keys)
-        ckpt["state_dict"] = state
+        saved = list(ckpt["state_dict"])
+        ckpt["state_dict"] = state = upgrade_state_dict(ckpt["state_dict"], model_keys)
+        if param_groups is not None and ckpt.get("optimizer_states") and saved != list(state) and \
+                [k for k in saved if k in state] != list(state):  # renamed, not only copies left out
+            position = {k: i for i, k in enumerate(state)}  # the saved order, in the current names
+            saved_groups = [sorted(names, key=position.__getitem__) for names in param_groups]
+            try:
+                ckpt["optimizer_states"] = [reorder_optimizer_state(s, saved_groups, param_groups)
+                                            for s in ckpt["optimizer_states"]]
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"the checkpoint's optimizer state does not fit this run's parameter groups ({e}); "
+                                  "start a new run from its weights with init_from=<checkpoint> instead") from None
     return ckpt
 
 
@@ -93,6 +107,10 @@ def load_checkpoint(path, mmap: bool = False) -> tuple[dict, DictConfig]:
         raise ConfigError(f"ckpt_path: {path}: {e}") from None
 
 
+# Groups that describe what the model was trained on: choosing the same loader keeps the checkpoint's settings.
+TRAINED_ON = ("data",)
+
+
 class Rebuilt(NamedTuple):
     config: DictConfig   # the config that rebuilds the run
     applied: list[str]   # the overrides it applied
@@ -111,10 +129,11 @@ def rebuild_config(saved: dict | DictConfig, overrides: Sequence[str] = (), comp
         key=value, +key=value  the value as `composed` holds it (its interpolations resolve in the rebuilt config,
                                e.g. against the checkpoint's model), or as written where there is no `composed`;
         ~key                   removed;
-        group=option           (data=shards) naming the `_target_` the checkpoint's config already has: that config
-                               is kept, and only key=value overrides change it (`data=shards data.root=DIR` reads
-                               other shards exactly as trained); another `_target_`: the group's config as
-                               `composed` holds it replaces the checkpoint's (unset values left to the target);
+        group=option           the group's config as `composed` holds it replaces the checkpoint's (unset values left
+                               to the target; `trainer=gpu` resumes on the GPU); except `data=...` naming the loader
+                               the checkpoint was trained with: its data config (the sampling the model learned
+                               with) is kept and only key=value overrides change it (`data=shards data.root=DIR`
+                               reads other shards exactly as trained);
         a group that composes into other keys (experiment=, debug=, masking=): not applied, returned as ignored
                                (the checkpoint's config holds its values; key=value changes one);
       overrides of `own` keys, of `command_keys` (the command's settings, not the run's) and of ckpt_path are the
@@ -138,7 +157,8 @@ def rebuild_config(saved: dict | DictConfig, overrides: Sequence[str] = (), comp
                 _delete(run, key)
             elif group:
                 node = composed._get_node(key)
-                if isinstance(run.get(key), DictConfig) and run[key].get("_target_") == node.get("_target_"):
+                if key in TRAINED_ON and isinstance(run.get(key), DictConfig) and \
+                        run[key].get("_target_") == node.get("_target_"):
                     kept.append(override)
                     continue
                 run[key] = {k: v for k, v in OmegaConf.to_container(node, resolve=False).items() if v is not None}

@@ -20,10 +20,6 @@ MODALITIES = ("audio", "video")
 # Variants that run code the default does not: HiP's decoder half (three more blocks, U-Net skips) and Zorro-ViT's
 # separate weights per token group (paper: 98M -> 267M).
 VARIANTS = {"zorro_hip_tiny": [{}, {"decoder": True}], "zorro_vit_tiny": [{}, {"separate_weights": True}]}
-# Known bugs: {(test, case id): reason}; a listed case is an expected failure until its fix lands (then XPASS).
-# (Empty: the two these tests found, unused separate-weight fusion copies and a fusion_latents no_weight_decay
-# name under two_streams, are fixed.)
-KNOWN_BUGS: dict = {}
 
 
 @functools.cache
@@ -37,15 +33,13 @@ def _case_id(name, kwargs):
     return "-".join([name, *(str(v) if k == "masking" else f"{k}={v}" for k, v in kwargs.items())])
 
 
-def _cases(test: str, with_maskings: bool = True):
+def _cases(with_maskings: bool = True):
     cases = []
     for name in TINY:
         for variant in VARIANTS.get(name, [{}]):
             for masking in _maskings(name) if with_maskings else (None,):
                 kwargs = {**variant, **({"masking": masking} if masking else {})}
-                bug = KNOWN_BUGS.get((test, _case_id(name, kwargs)))
-                marks = [pytest.mark.xfail(raises=AssertionError, reason=bug)] if bug else []
-                cases.append(pytest.param(name, kwargs, id=_case_id(name, kwargs), marks=marks))
+                cases.append(pytest.param(name, kwargs, id=_case_id(name, kwargs)))
     return cases
 
 
@@ -59,7 +53,7 @@ def _loss(out: dict) -> torch.Tensor:
 NOT_IN_FORWARD = {"cav_mae_tiny": ("decoder", "mask_token")}
 
 
-@pytest.mark.parametrize("name,kwargs", _cases("forward_backward"))
+@pytest.mark.parametrize("name,kwargs", _cases())
 def test_forward_backward(name, kwargs):
     """Every output the model names is present, B x output_dim and finite; every parameter that forward uses
     gets a finite, non-zero gradient, and the ones it must not use get none."""
@@ -108,7 +102,7 @@ def expected_flow(name: str, model) -> dict[str, set[str]]:
     return {o: {m for m in MODALITIES if any(_reaches(reads, g, m) for g in OUTPUTS[o])} for o in model.output_names}
 
 
-@pytest.mark.parametrize("name,kwargs", _cases("information_flow"))
+@pytest.mark.parametrize("name,kwargs", _cases())
 def test_information_flow_follows_the_routing_table(name, kwargs):
     """Perturb the audio only: exactly the outputs whose reads reach audio change (the others are bitwise equal);
     the same for video. Zorro and two_streams keep the unimodal outputs pure, input_level and bottleneck do not."""
@@ -165,13 +159,13 @@ def test_an_absent_modality_is_a_zero_input_per_sample(name):
 SIZES = {
     "zorro_vit_tiny": dict(config=dict(audio_seconds=2.56, num_frames=6, image_size=96),
                            input=dict(seconds=2.56, frames=6, size=96),
-                           tables={"audio_pos": ((4, 8), (4, 16)), "video_pos": ((4, 4, 4), (6, 6, 6))}),
+                           tables={"audio_embed.pos": ((4, 8), (4, 16)), "video_embed.pos": ((4, 4, 4), (6, 6, 6))}),
     "mbt_tiny": dict(config=dict(audio_seconds=2.56, num_frames=6, image_size=96),
                      input=dict(seconds=2.56, frames=6, size=96),
-                     tables={"audio.pos_embed": ((4, 8), (4, 16)), "video.pos_embed": ((4, 4, 4), (6, 6, 6))}),
+                     tables={"audio_embed.pos": ((4, 8), (4, 16)), "video_embed.pos": ((4, 4, 4), (6, 6, 6))}),
     "zorro_hip_tiny": dict(fixed=dict(fourier_bands=0), config=dict(audio_seconds=2.56, num_frames=3, image_size=80),
                            input=dict(seconds=2.56, frames=3, size=80),  # 75 video tokens: uneven groups
-                           tables={"audio_pos": ((8, 16), (8, 32)), "video_pos": ((4, 4, 4), (3, 5, 5))}),
+                           tables={"audio_embed.pos": ((8, 16), (8, 32)), "video_embed.pos": ((4, 4, 4), (3, 5, 5))}),
     "zorro_swin_tiny": dict(config=dict(audio_seconds=1.16, num_frames=6, image_size=96),
                             input=dict(seconds=1.16, frames=6, size=96), tables={}),
     "cav_mae_tiny": dict(config=dict(num_frames=6, image_size=96), input=dict(frames=6, size=96), tables={}),
@@ -218,7 +212,7 @@ def test_other_input_sizes_equal_the_model_configured_for_them(name):
 
 
 # -- activation checkpointing --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,kwargs", _cases("checkpointing", with_maskings=False))
+@pytest.mark.parametrize("name,kwargs", _cases(with_maskings=False))
 def test_activation_checkpointing_runs_and_changes_nothing(name, kwargs, checkpoint_calls):
     """grad_checkpointing=True calls torch.utils.checkpoint in training (and only then) with the same outputs and
     gradients as without it; in eval mode or under no_grad it is not called (nothing to save)."""
@@ -263,7 +257,7 @@ def _free_tensors(model: nn.Module) -> set[str]:
     return free
 
 
-@pytest.mark.parametrize("name,kwargs", _cases("no_weight_decay"))
+@pytest.mark.parametrize("name,kwargs", _cases())
 def test_no_weight_decay_names_exist_and_cover_every_free_tensor(name, kwargs):
     """The optimiser matches no_weight_decay() names exactly (tasks/base.py param_groups, timm's
     param_groups_weight_decay): each must be a parameter, and every free tensor must be one of them."""

@@ -32,7 +32,7 @@ def test_base_parameter_count(no_random_init):
     assert encoder == pytest.approx(BASE_ENCODER, rel=1e-3)
     assert count_parameters(model) - encoder == pytest.approx(BASE_DECODER, rel=1e-3)
     assert (len(model.blocks_a), len(model.blocks_v), len(model.blocks_u), len(model.decoder_blocks)) == (11, 11, 1, 8)
-    assert model.audio_grid == (8, 64) and model.video_grid == (14, 14)  # 512 audio and 196 video patches
+    assert model.audio_embed.grid == (8, 64) and model.video_embed.grid == (14, 14)  # 512 audio and 196 video patches
 
 
 def test_encoder_only_variant_drops_the_decoder():
@@ -64,14 +64,14 @@ def test_masking_keeps_exactly_the_unmasked_share(mask_mode, ratio):
     model = cav_mae_tiny()
     audio, video = inputs()
     out = model.pretrain_forward(audio, video, mask_ratio=ratio, mask_mode=mask_mode)
-    for name, grid in (("audio", model.audio_grid), ("video", model.video_grid)):
+    for name, grid in (("audio", model.audio_embed.grid), ("video", model.video_embed.grid)):
         L = grid[0] * grid[1]
         mask = out[f"{name}_mask"]
         assert mask.shape == (2, L) and set(mask.unique().tolist()) <= {0.0, 1.0}
         assert (mask.sum(1) == L - int(L * (1 - ratio))).all()  # exactly int(L * (1 - ratio)) tokens kept
         assert out[f"{name}_pred"].shape == out[f"{name}_target"].shape == out[f"{name}_patches"].shape
     if mask_mode != "random":  # whole time columns / frequency rows of the (F x T) patch grid are hidden
-        f, t = model.audio_grid
+        f, t = model.audio_embed.grid
         grid = out["audio_mask"].view(2, f, t).bool()
         cols, rows = grid.all(1).sum(1), grid.all(2).sum(1)
         scale = 0.7 if mask_mode == "tf" else 1.0
@@ -137,12 +137,13 @@ def test_load_pretrained_from_an_image_vit(tmp_path):
         torch.testing.assert_close(norm.weight, state["blocks.2.norm1.weight"])
     for norm in (model.norm, model.norm_a, model.norm_v):
         torch.testing.assert_close(norm.bias, state["norm.bias"])
-    torch.testing.assert_close(model.patch_embed_v.proj.weight, state["patch_embed.proj.weight"])
-    torch.testing.assert_close(model.patch_embed_a.proj.weight, state["patch_embed.proj.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(model.video_embed.patch.proj.weight, state["patch_embed.proj.weight"])
+    torch.testing.assert_close(model.audio_embed.patch.proj.weight,
+                               state["patch_embed.proj.weight"].sum(1, keepdim=True))
     torch.testing.assert_close(model.decoder_pred_a.weight, state["decoder_pred.weight"][:256])
     torch.testing.assert_close(model.decoder_pred_v.weight, state["decoder_pred.weight"])
     assert {"cls_token", "pos_embed"} <= set(report.unexpected) and not report.mismatched
-    assert "modality_a" in report.missing and "decoder_blocks.0.attn.qkv.weight" in report.missing
+    assert "audio_embed.type_embed" in report.missing and "decoder_blocks.0.attn.qkv.weight" in report.missing
 
 
 # -- official CAV-MAE files (github.com/yuangongnd/cav-mae): layout, and a reference forward from their tensors ----
@@ -152,18 +153,29 @@ def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or name.startswith("pos_embed"):
+            if name.endswith(("bias", ".pos")) or "norm" in name:
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
     return model
 
 
+# this suite's names -> the official code's (its CAVMAE / CAVMAEFT modules)
+OFFICIAL = {"head_norm.": "mlp_head.0.", "audio_embed.patch.": "patch_embed_a.", "video_embed.patch.": "patch_embed_v.",
+            "audio_embed.pos": "pos_embed_a", "video_embed.pos": "pos_embed_v", "audio_embed.type_embed": "modality_a",
+            "video_embed.type_embed": "modality_v"}
+
+
 def official_file(model, path, head: torch.nn.Linear | None = None) -> dict:
-    """Save `model` as the official code does: DataParallel `module.` keys, the sin-cos tables saved as
-    parameters, the fine-tuning head as `mlp_head` (LayerNorm + Linear)."""
-    state = {k.replace("head_norm.", "mlp_head.0."): v for k, v in model.state_dict().items()}
-    for name in ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v"):
-        if hasattr(model, name):
-            state.setdefault(name, getattr(model, name).detach().clone())
+    """Save `model` as the official code does: its names (OFFICIAL), DataParallel `module.` keys, the sin-cos tables
+    saved as parameters, the fine-tuning head as `mlp_head` (LayerNorm + Linear)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        for ours, theirs in OFFICIAL.items():
+            key = theirs + key[len(ours):] if key.startswith(ours) else key
+        state[key] = value
+    tables = {"pos_embed_a": model.audio_embed.pos, "pos_embed_v": model.video_embed.pos,
+              **{n: b for n, b in model.named_buffers() if n.startswith("decoder_pos_embed")}}
+    for name, table in tables.items():
+        state.setdefault(name, table.detach().clone())
     g = torch.Generator().manual_seed(2)
     for key in [k for k in state if re.fullmatch(r"(blocks_[av]|decoder_blocks)\.\d+\.norm[12]\.(weight|bias)", k)]:
         for stream in ("_a", "_v"):  # the official Block builds them in every layer; its forward reads them in E_j only
@@ -228,8 +240,8 @@ def test_an_official_pretrained_file_with_distinct_norms_loads_exactly(tmp_path,
     target.eval()
     with torch.no_grad():
         out = target(audio=audio, video=video[:, :1])
-        spec = target.audio_input(audio, None, 2, spec_augment=False)
-        ref = reference_features(state, spec, target.video_input(video[:, :1], None, 2)[:, 0])
+        spec = target.audio_embed.inputs(audio, None, 2, spec_augment=False)
+        ref = reference_features(state, spec, target.video_embed.inputs(video[:, :1], None, 2)[:, 0])
     for ours, theirs in (("audio", "audio"), ("video", "video"), ("global", "joint")):
         torch.testing.assert_close(out[ours], ref[theirs], msg=ours)
 
@@ -241,7 +253,7 @@ def test_an_official_pretrained_file_into_the_finetuning_model_names_the_decoder
     assert set(report.sources.values()) | set(report.unexpected) == set(state)
     decoder = [k for k in state if k.startswith(("decoder", "mask_token"))]
     assert decoder and all("decoder" in report.reasons[k] for k in decoder)
-    assert {"pos_embed_a", "pos_embed_v"} <= set(report.loaded)  # learned positions start from the file's
+    assert {"audio_embed.pos", "video_embed.pos"} <= set(report.loaded)  # learned positions start from the file's
     assert set(report.missing) == {"head_norm.weight", "head_norm.bias"}  # the new head
     assert "unused" in str(report) and "decoder_depth=0" in str(report)
 
@@ -264,8 +276,8 @@ def test_an_official_finetuned_file_loads_into_the_recipe_model_and_scores(tmp_p
     batch = {"audio": audio, "video": video[:, :1], "label": torch.zeros(2, 5)}
     task.eval()
     with torch.no_grad():
-        spec = backbone.audio_input(audio, None, 2, spec_augment=False)
-        ref = reference_features(state, spec, backbone.video_input(video[:, :1], None, 2)[:, 0])
+        spec = backbone.audio_embed.inputs(audio, None, 2, spec_augment=False)
+        ref = reference_features(state, spec, backbone.video_embed.inputs(video[:, :1], None, 2)[:, 0])
         for inputs_, mode in (("audio_video", "joint"), ("audio", "missingaudioonly"), ("video", "missingvideoonly")):
             probs = task.predict_probs(batch, inputs_)["global"]
             expected = torch.nn.functional.layer_norm(ref[mode], (64,), state["mlp_head.0.weight"],
@@ -306,10 +318,11 @@ def test_spec_augment_masks_the_raw_log_mel_with_zero():
     torch.manual_seed(0)
     model = cav_mae_tiny(spec_augment=True, audio_noise=False, freq_mask=24, time_mask=24).train()
     audio, _ = inputs()
-    spec = model.audio_input(audio, None, 2, spec_augment=True)
-    clean = model.audio_frontend(audio)
+    frontend = model.audio_embed.frontend
+    spec = model.audio_embed.inputs(audio, None, 2, spec_augment=True)
+    clean = frontend.fbank(audio)
     changed = spec != clean
-    fill = (0 - model.audio_frontend.mean) / model.audio_frontend.std
+    fill = (0 - frontend.mean) / frontend.std
     assert changed.any()
     torch.testing.assert_close(spec[changed], torch.full_like(spec[changed], fill))
 

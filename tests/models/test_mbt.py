@@ -36,16 +36,16 @@ def test_imagenet_vit_weights_load_into_both_streams(tmp_path):
     for stream in (model.audio, model.video):
         torch.testing.assert_close(stream.blocks[3].mlp.fc2.weight, vit.blocks[3].mlp.fc2.weight)
     # scenic's spectrogram is a (time x mel) image: the summed RGB kernel's rows act on time (our layout: columns)
-    torch.testing.assert_close(model.audio.patch_embed.proj.weight,
+    torch.testing.assert_close(model.audio_embed.patch.proj.weight,
                                vit.patch_embed.proj.weight.sum(1, keepdim=True).transpose(-1, -2))
-    torch.testing.assert_close(model.video.patch_embed.proj.weight, vit.patch_embed.proj.weight)
+    torch.testing.assert_close(model.video_embed.patch.proj.weight, vit.patch_embed.proj.weight)
     # scenic adds the ViT's CLS position to the CLS token; its spectrogram CLS token is not restored (zero init)
     torch.testing.assert_close(model.video.cls_token, vit.cls_token + vit.pos_embed[:, :1])
     torch.testing.assert_close(model.audio.cls_token, vit.pos_embed[:, :1])
     torch.testing.assert_close(model.norm.weight, vit.norm.weight)  # one final norm for both streams (scenic's)
     assert report.missing == ["bottleneck"] and sorted(report.unexpected) == ["head.bias", "head.weight"]
-    assert {k for k, *_ in report.resized} == {"audio.pos_embed", "video.pos_embed", "audio.patch_embed.proj.weight",
-                                               "audio.cls_token", "video.cls_token"}
+    assert {k for k, *_ in report.resized} == {"audio_embed.pos", "video_embed.pos",
+                                               "audio_embed.patch.proj.weight", "audio.cls_token", "video.cls_token"}
     assert "resized" in str(report)
 
 
@@ -59,9 +59,9 @@ def test_imagenet_positions_are_resized_as_scenic_bilinear_with_time_on_the_grid
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
     model = mbt_tiny(depth=1, fusion_layer=1)
     model.load_pretrained(tmp_path / "vit.pth")
-    freq, time = model.audio.grid
-    audio = model.audio.pos_embed.detach().reshape(freq, time, 64)[..., 0]
+    freq, time = model.audio_embed.grid
+    audio = model.audio_embed.pos.detach().reshape(freq, time, 64)[..., 0]
     torch.testing.assert_close(audio, torch.linspace(0, 13, time).expand(freq, time))
-    frames = model.video.pos_embed.detach().reshape(*model.video.grid, 64)[..., 0]
-    h, w = model.video.grid[1:]
-    torch.testing.assert_close(frames, torch.linspace(0, 13, h).view(1, h, 1).expand(model.video.grid))
+    frames = model.video_embed.pos.detach().reshape(*model.video_embed.grid, 64)[..., 0]
+    h, w = model.video_embed.grid[1:]
+    torch.testing.assert_close(frames, torch.linspace(0, 13, h).view(1, h, 1).expand(model.video_embed.grid))

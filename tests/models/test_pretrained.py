@@ -26,7 +26,7 @@ def test_imagenet_vit_into_zorro_vit(vit_file, separate):
     for qkv in copies:
         torch.testing.assert_close(qkv.weight, vit.blocks[2].attn.qkv.weight)
     # 14 x 14 ImageNet positions -> the 4 x 4 frame grid, the same for every frame
-    frames = model.video_pos.reshape(4, 16, -1)
+    frames = model.video_embed.pos.reshape(4, 16, -1)
     torch.testing.assert_close(frames[0], frames[3])
     assert "fusion_latents" in report.missing and not report.mismatched
     assert "cls_token" in report.unexpected  # Zorro has no class token: reported, not silently dropped
@@ -63,9 +63,9 @@ def test_a_model_tensor_written_twice_is_an_error(vit_file):
     _, path = vit_file
     model = zorro_vit_tiny()
     state = load_state(path)
-    with pytest.raises(ValueError, match="both map to 'video_pos'"):
+    with pytest.raises(ValueError, match="both map to 'video_embed.pos'"):
         load_into(model, {"pos_embed": state["pos_embed"], "other": state["pos_embed"]},
-                  rename=lambda key: "video_pos", pos_grids={"video_pos": (4, 4, 4)})
+                  rename=lambda key: "video_embed.pos", pos_grids={"video_embed.pos": (4, 4, 4)})
 
 
 @pytest.mark.parametrize("build", [zorro_vit_tiny, cav_mae_tiny])
@@ -113,5 +113,5 @@ def test_init_from_another_audio_length_resamples_the_audio_positions_along_time
         audio, _ = inputs()
         audio = audio.repeat(1, 2)[:, : round(seconds * 16_000)]  # the target's length
         with torch.no_grad():
-            ours, pretrained = target.eval().embed_audio(audio, None, 2), source.eval().embed_audio(audio, None, 2)
+            ours, pretrained = target.eval().audio_embed(audio, None, 2), source.eval().audio_embed(audio, None, 2)
         torch.testing.assert_close(ours, pretrained)

@@ -49,8 +49,8 @@ def test_audio_gradient_reaches_the_shared_blocks_and_not_the_video_stem():
     for block in model.blocks:
         for p in (block.latents, block.cross.q.weight, block.cross.kv.weight, block.blocks[0].attn.qkv.weight):
             assert p.grad is not None and p.grad.abs().sum() > 0
-    assert model.audio_embed.proj.weight.grad.abs().sum() > 0
-    for p in (model.video_embed.proj.weight, model.fusion_latents):
+    assert model.audio_embed.patch.proj.weight.grad.abs().sum() > 0
+    for p in (model.video_embed.patch.proj.weight, model.fusion_latents):
         assert p.grad is None or not p.grad.any()
 
 

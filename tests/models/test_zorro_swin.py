@@ -81,8 +81,8 @@ def test_shifted_windows_shift():
     assert [any(b.shift_size) for b in _tiny.video.layers[0].blocks] == [False, True]
 
 
-def _features(stream, x):
-    x = stream.patch_embed(x)
+def _features(embed, stream, x):
+    x = embed.tokens(x)
     for stage in stream.layers:
         x = stage(x)
     return stream.norm(x)
@@ -104,9 +104,9 @@ def test_load_pretrained_timm_swin(tmp_path):
     image = torch.randn(1, 1, 128, 128)
     with torch.no_grad():
         expected = swin.forward_features(image.expand(-1, 3, -1, -1))  # RGB kernel summed = grey input
-        torch.testing.assert_close(_features(model.audio, image), expected, atol=1e-4, rtol=1e-4)
-        still = image.expand(-1, 3, -1, -1)[:, :, None].expand(-1, -1, 4, -1, -1)  # B x 3 x T x H x W
-        video = _features(model.video, still)
+        torch.testing.assert_close(_features(model.audio_embed, model.audio, image), expected, atol=1e-4, rtol=1e-4)
+        still = image.expand(-1, 3, -1, -1)[:, None].expand(-1, 4, -1, -1, -1)  # B x T x 3 x H x W
+        video = _features(model.video_embed, model.video, still)
         for t in range(video.shape[1]):
             torch.testing.assert_close(video[:, t], expected, atol=1e-4, rtol=1e-4)
     # Other windows: tables cropped (windows clamped to small grids) or resized, and inflated over 15 offsets.

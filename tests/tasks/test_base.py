@@ -1,6 +1,7 @@
 """What every task shares: the batch contract in the batch hooks, weight-decay groups, saved hyper-parameters."""
 
 import functools
+import math
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ def test_with_drop_the_absent_modality_is_left_out_of_the_sequence():
         audio_only = task.backbone(audio=audio, drop_absent=True)
         full = task.backbone(audio=audio, video=video)
     backbone = task.backbone
-    num_audio = backbone.audio_grid[0] * backbone.audio_grid[1]
+    num_audio = backbone.audio_embed.grid[0] * backbone.audio_embed.grid[1]
     assert lengths[0] == lengths[1] == num_audio + backbone.num_fusion < lengths[2]
     assert set(dropped) == {"audio", "fusion", "global"}  # the video output reads no tokens
     for name in dropped:
@@ -101,7 +102,7 @@ def test_an_audio_only_shard_batch_reaches_the_drop_path(demo_shards, on_device)
     lengths = tokens_seen(task.backbone)
     with torch.no_grad():
         loss, _ = task.compute_loss(batch)
-    assert torch.isfinite(loss) and lengths == [task.backbone.audio_grid[0] * task.backbone.audio_grid[1] + 6]
+    assert torch.isfinite(loss) and lengths == [math.prod(task.backbone.audio_embed.grid) + 6]
 
 
 # -- weight decay --------------------------------------------------------------------------------------------------

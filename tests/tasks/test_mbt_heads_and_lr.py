@@ -94,7 +94,7 @@ def test_zorro_keeps_one_head_per_output_with_averaged_probabilities():
 def test_mbt_spec_augment_is_asts_one_48_bin_and_one_192_frame_mask():
     torch.manual_seed(0)
     model = MBT(dim=32, depth=1, num_heads=2, fusion_layer=0, num_frames=1, image_size=32)  # 128 mels, 8 s
-    frontend = model.audio_frontend
+    frontend = model.audio_embed.frontend
     assert (frontend.freq_mask, frontend.time_mask, frontend.num_masks, frontend.freq_jitter) == (48, 192, 1, 0)
     x = frontend.augment(torch.ones(64, 1, 128, 800))
     bins = (x == 0).all(dim=3)[:, 0]  # B x 128: frequency bins zeroed over all frames

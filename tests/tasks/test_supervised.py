@@ -164,7 +164,7 @@ def test_dropped_stream_evaluation_equals_the_zero_filled_one(masking):
         assert set(got) == {modality} and {modality, "avg"} <= set(ref)  # only the own head is scored
         torch.testing.assert_close(got[modality], ref[modality], atol=1e-5, rtol=1e-4)
     calls = []  # and it really ran without the other stream: the audio-only pass never embeds video
-    fast.backbone.embed_video = lambda *a, **k: calls.append(1)
+    fast.backbone.video_embed.forward = lambda *a, **k: calls.append(1)
     fast.eval_inputs = ("audio",)
     assert set(_eval_scores(fast, batch, "audio")) == {"audio"}
     assert calls == []

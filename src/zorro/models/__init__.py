@@ -1,6 +1,8 @@
 """Backbones and their parts: plain nn.Modules, keyword-only constructors, no Hydra or Lightning."""
 
 from .base import AVBackbone
+from .embedding import InputEmbed
+from .pretrained import upgrade_state_dict
 from .cav_mae import CAVMAE, cav_mae_base, cav_mae_tiny
 from .mbt import MBT, mbt_base, mbt_tiny
 from .routing import GROUPS, MASKINGS, OUTPUTS, Routing, TokenLayout
@@ -25,7 +27,8 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["AVBackbone", "GROUPS", "MASKINGS", "OUTPUTS", "MODELS", "Routing", "TokenLayout", "count_parameters",
+__all__ = ["AVBackbone", "InputEmbed", "upgrade_state_dict",
+           "GROUPS", "MASKINGS", "OUTPUTS", "MODELS", "Routing", "TokenLayout", "count_parameters",
            "create_model",
            "ZorroViT", "zorro_vit_base", "zorro_vit_tiny", "ZorroSwin", "zorro_swin_base", "zorro_swin_tiny",
            "ZorroHiP", "zorro_hip_base", "zorro_hip_tiny", "MBT", "mbt_base", "mbt_tiny",

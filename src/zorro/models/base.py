@@ -3,33 +3,35 @@
     forward(audio: B x S waveform | None, video: B x T x 3 x H x W frames | None, *, has_audio, has_video)
         -> {name: B x output_dim for name in output_names}
 
-A missing modality is a zero input, as in the paper (section 4.1): a modality passed as None, or absent for a
-sample (has_audio / has_video False), becomes zeros of the configured input size. Backbones whose fusion is a
-routing table (Zorro-ViT, -Swin, -HiP) list the maskings they implement in the class attribute `maskings`
-(config.check_node reads it); the baselines (MBT, CAV-MAE) have their own fixed fusion and no `maskings`.
+Every backbone embeds its inputs through two `embedding.InputEmbed` modules, `audio_embed` and `video_embed`
+(front end, patch embedding, positions). A missing modality is a zero input, as in the paper (section 4.1): a
+modality passed as None, or absent for a sample (has_audio / has_video False), becomes zeros of the configured
+input size. Backbones whose fusion is a routing table (Zorro-ViT, -Swin, -HiP) list the maskings they implement in
+the class attribute `maskings` (config.check_node reads it); the baselines (MBT, CAV-MAE) have their own fixed
+fusion and no `maskings`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
-from .frontends import frames_or_zeros, spectrogram_or_zeros
-from .layers import maybe_checkpoint, resample_pos_embed
+from .embedding import InputEmbed
+from .layers import maybe_checkpoint
 from .routing import MASKINGS, Routing, isolated_outputs, output_names
 
 
 class AVBackbone(nn.Module):
-    """Base of the audio-visual backbones: output names and width, the routing, the input prologue and the
-    patch-grid embeddings (`embed_audio` / `embed_video`, for backbones with `{audio,video}_embed` patch embeddings
-    (layers.PatchGrid) and `{audio,video}_grid` configured token grids)."""
+    """Base of the audio-visual backbones: output names and width, the routing, the input prologue, and what is
+    read off their input modules (`audio_embed`, `video_embed`: embedding.InputEmbed)."""
 
     maskings: tuple[str, ...]  # routed backbones only (see the module docstring), with their `routing`
     routing: Routing
+    audio_embed: InputEmbed
+    video_embed: InputEmbed
     output_names: tuple[str, ...]
     output_dim: int
     can_drop_absent: bool = False  # forward(drop_absent=True) leaves a missing modality out of the sequence
@@ -64,37 +66,12 @@ class AVBackbone(nn.Module):
         backbone trains (activation checkpointing: less memory, ~30% more compute)."""
         return maybe_checkpoint(fn, *args, enabled=self.grad_checkpointing and self.training)
 
-    # -- patch-grid embeddings -------------------------------------------------------------------------------
-    def embed_audio(self, audio: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Log-mel patches (zeros where audio is absent) + positions for the input's grid: B x N x C."""
-        embed, (h, w) = self.audio_embed, self.audio_grid
-        p = embed.patch_size
-        spec = spectrogram_or_zeros(self.audio_frontend, audio, present, batch=batch, like=embed.proj.weight,
-                                    multiple=p, shape=(1, h * p, w * p))
-        return self.add_positions("audio", embed(spec), embed.grid(*spec.shape[-2:]))
-
-    def embed_video(self, video: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Per-frame patches (zeros where video is absent) + positions for the input's grid: B x (T h w) x C."""
-        embed, (T, h, w) = self.video_embed, self.video_grid
-        p = embed.patch_size
-        frames = frames_or_zeros(self.video_frontend, video, present, batch=batch, like=embed.proj.weight,
-                                 shape=(T, 3, h * p, w * p))
-        B, T = frames.shape[:2]
-        grid = (T, *embed.grid(*frames.shape[-2:]))
-        tokens = embed(frames.flatten(0, 1)).reshape(B, math.prod(grid), -1)
-        return self.add_positions("video", tokens, grid)
-
-    def add_positions(self, modality: str, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        """tokens + the learned `{modality}_pos` of the configured grid, resampled to `grid` (other input sizes)."""
-        pos = getattr(self, f"{modality}_pos")
-        return tokens + resample_pos_embed(pos, getattr(self, f"{modality}_grid"), grid)
-
     def position_tables(self) -> dict[str, tuple[tuple[int, ...], int]]:
         """The learned absolute position tables, by state-dict key: (their configured grid, the grid's time axis).
         `pretrained.load_into` resamples a checkpoint's table along time when its length differs (fine-tuning from
-        another audio length), by value, as `add_positions` resamples it for a longer input."""
-        return {f"{m}_pos": (tuple(getattr(self, f"{m}_grid")), axis) for m, axis in (("audio", 1), ("video", 0))
-                if isinstance(getattr(self, f"{m}_pos", None), nn.Parameter)}
+        another audio length), by value, as InputEmbed resamples it for a longer input."""
+        return {f"{name}.pos": (m.grid, m.time_axis) for name, m in self.named_modules()
+                if isinstance(m, InputEmbed) and m.learned_positions and m.time_axis is not None}
 
     def init_vit_weights(self) -> None:
         """timm's ViT initialisation (`init_weights_vit_timm`: N(0, 0.02) truncated at +-2, zero bias) of every

@@ -25,9 +25,10 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .base import AVBackbone
-from .frontends import KaldiFbank, VideoFrontend, frames_or_zeros, mask_along, zero_absent
-from .layers import PatchEmbed, resample_pos_embed
-from .pretrained import LoadReport, Unused, is_cav_mae_layout, load_into, load_state, vit_into_cav_mae
+from .embedding import InputEmbed, sincos_pos_embed
+from .frontends import KaldiFbank, VideoFrontend
+from .layers import PatchEmbed
+from .pretrained import LoadReport, Unused, is_cav_mae_layout, load_into, load_state, to_model_keys, vit_into_cav_mae
 from .variants import variant
 
 MASK_MODES = ("random", "time", "freq", "tf")  # random: the paper's default ("unstructured"); the rest audio only
@@ -95,26 +96,25 @@ class CAVMAE(AVBackbone):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.head, self.trainable_pos = head, trainable_pos
         self.patch_size, self.norm_pix_loss, self.num_frames = patch_size, norm_pix_loss, num_frames
-        self.spec_augment, self.freq_mask, self.time_mask = spec_augment, freq_mask, time_mask
-        self.audio_noise, self.grad_checkpointing = audio_noise, grad_checkpointing
+        self.grad_checkpointing = grad_checkpointing
         self.audio_seconds = audio_seconds
         self.output_dim = dim
         self.output_names = ("audio", "video", "global") if head == "per_output" else ("global",)
 
-        self.audio_frontend = KaldiFbank(sample_rate=sample_rate, n_mels=n_mels, frames=audio_frames)
-        self.video_frontend = VideoFrontend()
-        self.patch_embed_a = PatchEmbed(in_chans=1, dim=dim, patch_size=patch_size)
-        self.patch_embed_v = PatchEmbed(in_chans=3, dim=dim, patch_size=patch_size)
-        self.audio_grid = self.patch_embed_a.grid(n_mels, audio_frames)  # (frequency, time): 8 x 64
-        self.video_grid = self.patch_embed_v.grid(image_size, image_size)  # 14 x 14
-        self.modality_a = nn.Parameter(torch.zeros(1, 1, dim))  # modality type embeddings E_a, E_v
-        self.modality_v = nn.Parameter(torch.zeros(1, 1, dim))
-        # 2-D sin-cos positions: fixed (official tr_pos=False), rebuilt rather than saved; or learned from them
-        for name, grid in (("pos_embed_a", self.audio_grid), ("pos_embed_v", self.video_grid)):
-            if trainable_pos:
-                setattr(self, name, nn.Parameter(sincos_pos_embed(dim, grid)))
-            else:
-                self.register_buffer(name, sincos_pos_embed(dim, grid), persistent=False)
+        audio_patch = PatchEmbed(in_chans=1, dim=dim, patch_size=patch_size)
+        video_patch = PatchEmbed(in_chans=3, dim=dim, patch_size=patch_size)
+        audio_grid = audio_patch.grid(n_mels, audio_frames)  # (frequency, time): 8 x 64
+        video_grid = video_patch.grid(image_size, image_size)  # 14 x 14
+        # Positions: 2-D sin-cos tables, fixed (official tr_pos=False) or learned from them (tr_pos=True), with no
+        # time axis to resample on load: the fbank is always padded or cut to audio_frames. type_embed: E_a, E_v.
+        pos = "sincos_learned" if trainable_pos else "sincos"
+        self.audio_embed = InputEmbed(
+            frontend=KaldiFbank(sample_rate=sample_rate, n_mels=n_mels, frames=audio_frames, spec_augment=spec_augment,
+                                freq_mask=freq_mask, time_mask=time_mask, noise=audio_noise),
+            patch=audio_patch, grid=audio_grid, dim=dim, input_shape=(1, n_mels, audio_frames), pos=pos,
+            type_embed=True)
+        self.video_embed = InputEmbed(frontend=VideoFrontend(), patch=video_patch, grid=video_grid, dim=dim,
+                                      input_shape=(num_frames, 3, image_size, image_size), pos=pos, type_embed=True)
 
         depth = modality_depth + joint_depth
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
@@ -133,7 +133,7 @@ class CAVMAE(AVBackbone):
             self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
             self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, decoder_dim))  # E'_a, E'_v (eq. 8)
             self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-            for name, grid in (("decoder_pos_embed_a", self.audio_grid), ("decoder_pos_embed_v", self.video_grid)):
+            for name, grid in (("decoder_pos_embed_a", audio_grid), ("decoder_pos_embed_v", video_grid)):
                 self.register_buffer(name, sincos_pos_embed(decoder_dim, grid), persistent=False)
             self.decoder_blocks = nn.ModuleList(
                 Block(dim=decoder_dim, num_heads=decoder_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
@@ -154,39 +154,19 @@ class CAVMAE(AVBackbone):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for embed in (self.patch_embed_a, self.patch_embed_v):
-            nn.init.xavier_uniform_(embed.proj.weight.view(embed.proj.weight.shape[0], -1))
-        for name in ("modality_a", "modality_v", "mask_token", "decoder_modality_a", "decoder_modality_v"):
-            if hasattr(self, name):
-                nn.init.normal_(getattr(self, name), std=0.02)
+        for embed in (self.audio_embed, self.video_embed):
+            kernel = embed.patch.proj.weight
+            nn.init.xavier_uniform_(kernel.view(kernel.shape[0], -1))
+        for p in (self.audio_embed.type_embed, self.video_embed.type_embed,
+                  *(getattr(self, n, None) for n in ("mask_token", "decoder_modality_a", "decoder_modality_v"))):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
 
-    # -- inputs ------------------------------------------------------------------------------------------
-    def audio_input(self, audio: torch.Tensor | None, present: torch.Tensor | None, batch: int, *,
-                    spec_augment: bool) -> torch.Tensor:
-        """Normalised fbank B x 1 x F x T; absent samples (or audio=None) are zeros."""
-        F_, T = (g * self.patch_size for g in self.audio_grid)
-        if audio is None:
-            return self.pos_embed_a.new_zeros(batch, 1, F_, T)
-        spec = self.audio_frontend(audio)
-        if self.training:
-            if spec_augment and self.spec_augment:  # bands of raw log-mel 0, as the official loader masks first
-                zero = (0.0 - self.audio_frontend.mean) / self.audio_frontend.std
-                spec = mask_along(mask_along(spec, self.freq_mask, dim=2, value=zero), self.time_mask, dim=3, value=zero)
-            if self.audio_noise:
-                spec = _noise_and_roll(spec)
-        spec = zero_absent(spec, present)
-        return spec
-
-    def video_input(self, video: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Normalised frames B x T x 3 x H x W; absent samples (or video=None) are zeros."""
-        side = self.video_grid[0] * self.patch_size
-        return frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.pos_embed_v,
-                               shape=(self.num_frames, 3, side, side))
-
+    # -- encoders -------------------------------------------------------------------------------------------
     def encode_audio(self, spec: torch.Tensor, mask_ratio: float = 0.0, mask_mode: str = "random"):
         """Eq. 2 and E_a: (tokens after the audio layers, mask B x L (1 = hidden), ids_restore)."""
-        x = self.patch_embed_a(spec) + self.pos_embed_a + self.modality_a
-        noise = structured_noise(x.shape[0], self.audio_grid, mask_ratio, mask_mode, x.device)
+        x = self.audio_embed.tokens(spec)
+        noise = structured_noise(x.shape[0], self.audio_embed.grid, mask_ratio, mask_mode, x.device)
         x, mask, restore = random_masking(x, mask_ratio, noise)
         for blk in self.blocks_a:
             x = self.checkpointed(blk, x)
@@ -194,12 +174,7 @@ class CAVMAE(AVBackbone):
 
     def encode_video(self, frames: torch.Tensor, mask_ratio: float = 0.0):
         """Eq. 3 and E_v on frames N x 3 x H x W."""
-        grid = self.patch_embed_v.grid(*frames.shape[-2:])
-        pos = self.pos_embed_v
-        if grid != self.video_grid:
-            pos = resample_pos_embed(pos, self.video_grid, grid) if self.trainable_pos else \
-                sincos_pos_embed(self.output_dim, grid).to(frames)
-        x = self.patch_embed_v(frames) + pos + self.modality_v
+        x = self.video_embed.tokens(frames)
         x, mask, restore = random_masking(x, mask_ratio)
         for blk in self.blocks_v:
             x = self.checkpointed(blk, x)
@@ -221,8 +196,8 @@ class CAVMAE(AVBackbone):
         evaluation views give exactly (several views per clip key, one frame each).
         """
         batch = self.batch_size(audio, video)
-        a, _, _ = self.encode_audio(self.audio_input(audio, has_audio, batch, spec_augment=True))
-        frames = self.video_input(video, has_video, batch)
+        a, _, _ = self.encode_audio(self.audio_embed.inputs(audio, has_audio, batch))
+        frames = self.video_embed.inputs(video, has_video, batch)
         T = frames.shape[1]
         v, _, _ = self.encode_video(frames.flatten(0, 1))
 
@@ -280,9 +255,9 @@ class CAVMAE(AVBackbone):
             raise RuntimeError("this CAV-MAE was built without a decoder (decoder_depth=0): it cannot pre-train")
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-        batch = (audio if audio is not None else video).shape[0]
-        spec = self.audio_input(audio, has_audio, batch, spec_augment=False)
-        frames = self.video_input(video, has_video, batch)
+        batch = self.batch_size(audio, video)
+        spec = self.audio_embed.inputs(audio, has_audio, batch, spec_augment=False)
+        frames = self.video_embed.inputs(video, has_video, batch)
         T = frames.shape[1]
         pick = torch.randint(T, (batch,), device=frames.device) if self.training else torch.full(
             (batch,), T // 2, device=frames.device)
@@ -303,8 +278,8 @@ class CAVMAE(AVBackbone):
                frame_hw) -> tuple[torch.Tensor, torch.Tensor]:
         """D_j (eq. 8): visible tokens + mask tokens at the hidden positions, + E' and positions -> patches."""
         x = self.decoder_embed(x)
-        grid = self.patch_embed_v.grid(*frame_hw)
-        pos_v = self.decoder_pos_embed_v if grid == self.video_grid else sincos_pos_embed(
+        grid = self.video_embed.patch.grid(*frame_hw)
+        pos_v = self.decoder_pos_embed_v if grid == self.video_embed.grid else sincos_pos_embed(
             x.shape[-1], grid).to(x)
         a = _unshuffle(x[:, :num_audio], self.mask_token, restore_a)
         a = a + self.decoder_pos_embed_a + self.decoder_modality_a
@@ -330,8 +305,9 @@ class CAVMAE(AVBackbone):
         return (patches - mean) / (var + 1e-6).sqrt()
 
     def no_weight_decay(self) -> set[str]:
-        learned_pos = {"pos_embed_a", "pos_embed_v"} if self.trainable_pos else set()
-        return {"modality_a", "modality_v", "mask_token", "decoder_modality_a", "decoder_modality_v", *learned_pos}
+        learned_pos = {"audio_embed.pos", "video_embed.pos"} if self.trainable_pos else set()
+        return {"audio_embed.type_embed", "video_embed.type_embed", "mask_token", "decoder_modality_a",
+                "decoder_modality_v", *learned_pos}
 
     def head_parameter_names(self) -> set[str]:
         """Parameters of the newly initialised fine-tuning head (the official `mlp_head[0]`), which the official
@@ -362,13 +338,13 @@ class CAVMAE(AVBackbone):
         own = set(self.state_dict())
 
         def explained(key: str):
-            dst = rename(key)
+            dst = to_model_keys(rename(key))
             if not isinstance(dst, str) or dst in own:
                 return dst
             if dst.startswith(("decoder_", "mask_token")) and not self.has_decoder:
                 return Unused("the pre-training decoder: this model is built without one (decoder_depth=0; "
                               "fine-tuning discards it)")
-            if dst in ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v"):
+            if dst in ("audio_embed.pos", "video_embed.pos", "decoder_pos_embed_a", "decoder_pos_embed_v"):
                 return Unused(self._fixed_table_note(dst, state[key]))
             if re.fullmatch(r"(blocks_a|blocks_v|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)", dst):
                 return Unused("the official Block's per-stream LayerNorms, which its forward reads only in the "
@@ -377,12 +353,12 @@ class CAVMAE(AVBackbone):
                 return Unused("the official fine-tuning head: this model has per-output heads (head=per_output)")
             return dst
 
-        report = load_into(self, state, rename=explained, channels_to_one=("patch_embed_a.proj.weight",))
+        report = load_into(self, state, rename=explained, channels_to_one=("audio_embed.patch.proj.weight",))
         self._load_classifier(classifier, heads, report)
         return report
 
     def _fixed_table_note(self, name: str, value: torch.Tensor) -> str:
-        built = getattr(self, name, None)
+        built = dict(self.named_buffers()).get(name)  # the fixed tables are non-persistent buffers
         if built is None or built.shape != value.shape:
             return f"a position table for another grid {tuple(value.shape)}; this model's is fixed sin-cos"
         diff = (built.float() - value.float().to(built.device)).abs().max().item()
@@ -458,24 +434,6 @@ def _unshuffle(kept: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
     B, L = ids_restore.shape
     x = torch.cat([kept, mask_token.expand(B, L - kept.shape[1], -1)], dim=1)
     return x.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos table (get_2d_sincos_pos_embed), 1 x (h * w) x dim, in its exact layout so
-    official weights see the positions they were trained with."""
-    h, w = grid
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    gw, gh = torch.meshgrid(torch.arange(w, dtype=torch.float64), torch.arange(h, dtype=torch.float64), indexing="xy")
-    parts = [f(c.reshape(-1, 1) * omega) for c in (gw, gh) for f in (torch.sin, torch.cos)]
-    return torch.cat(parts, dim=1).float().unsqueeze(0)
-
-
-def _noise_and_roll(spec: torch.Tensor) -> torch.Tensor:
-    B, _, _, T = spec.shape
-    spec = spec + torch.rand_like(spec) * torch.rand(B, 1, 1, 1, device=spec.device) / 10
-    shift = torch.randint(-T, T, (B, 1), device=spec.device)
-    idx = (torch.arange(T, device=spec.device) - shift) % T  # torch.roll with a per-sample shift
-    return spec.gather(3, idx.view(B, 1, 1, T).expand_as(spec))
 
 
 # -- named variants (timm-style factories): each builds the model its conf/model/ YAML builds, whose comments give the

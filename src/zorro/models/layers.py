@@ -280,7 +280,9 @@ class OutputDecoder(CrossAttention):
 
     def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0, names: Sequence[str] = tuple(OUTPUTS),
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm):
-        queries = nn.init.trunc_normal_(torch.zeros(len(names), dim), std=0.02)  # drawn first, as it always was
+        # drawn before the layers below are built: a seed's initial weights depend on the order of the draws, which
+        # benchmarks/compare_backbones.py holds fixed across refactorings
+        queries = nn.init.trunc_normal_(torch.zeros(len(names), dim), std=0.02)
         super().__init__(dim=dim, num_heads=num_heads, norm_layer=norm_layer)
         self.names = tuple(names)
         self.queries = nn.Parameter(queries)

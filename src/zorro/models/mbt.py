@@ -46,28 +46,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AVBackbone
+from .embedding import InputEmbed, input_module_key
 from .frontends import AudioFrontend, VideoFrontend
-from .layers import PatchEmbed, resample_pos_embed
+from .layers import PatchEmbed
 from .pretrained import LoadReport, load_into, load_state, vit_into_streams
 from .variants import variant
 
 
 class _ViTStream(nn.Module):
-    """One modality's ViT: patch embedding, CLS token, learned positions, blocks (timm names); the final norm is
-    MBT's, shared by both streams."""
+    """One modality's ViT after its input module: CLS token and blocks (timm names); the final norm is MBT's,
+    shared by both streams."""
 
-    def __init__(self, *, in_chans: int, grid: tuple[int, ...], dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float, patch_size: int, qkv_bias: bool, drop_path: list[float], act_layer: type):
+    def __init__(self, *, dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+                 drop_path: list[float], act_layer: type):
         super().__init__()
-        self.grid = grid
-        self.patch_embed = PatchEmbed(in_chans=in_chans, dim=dim, patch_size=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(grid), dim))  # patches only; CLS needs none
         self.blocks = nn.ModuleList(Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                                           drop_path=drop_path[i], act_layer=act_layer) for i in range(depth))
 
-    def tokens(self, patches: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        x = patches + resample_pos_embed(self.pos_embed, self.grid, grid)
+    def with_cls(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
 
@@ -104,44 +101,44 @@ class MBT(AVBackbone):
         self.output_dim = dim
         self.output_names = ("audio", "video")
 
-        self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
-                                            clip_seconds=audio_seconds, window=window, freq_mask=freq_mask,
-                                            time_mask=time_mask, num_masks=num_masks, freq_jitter=freq_jitter,
-                                            win_ms=win_ms, hop_ms=hop_ms)
-        self.video_frontend = VideoFrontend(mean=tuple(video_mean), std=tuple(video_std))
-        audio_frames = self.audio_frontend.num_frames(round(audio_seconds * sample_rate))
+        audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
+                                       clip_seconds=audio_seconds, window=window, freq_mask=freq_mask,
+                                       time_mask=time_mask, num_masks=num_masks, freq_jitter=freq_jitter,
+                                       win_ms=win_ms, hop_ms=hop_ms)
+        video_frontend = VideoFrontend(mean=tuple(video_mean), std=tuple(video_std))
+        audio_frames = audio_frontend.num_frames(round(audio_seconds * sample_rate))
         audio_grid = (n_mels // patch_size, audio_frames // patch_size)
         video_grid = (num_frames, image_size // patch_size, image_size // patch_size)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        common = dict(dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, patch_size=patch_size,
-                      qkv_bias=qkv_bias, drop_path=dpr, act_layer=functools.partial(nn.GELU, approximate=gelu))
-        self.audio = _ViTStream(in_chans=1, grid=audio_grid, **common)
-        self.video = _ViTStream(in_chans=3, grid=video_grid, **common)
+        common = dict(dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                      drop_path=dpr, act_layer=functools.partial(nn.GELU, approximate=gelu))
+        # built in the order a seed draws them: each stream's patch embedding, then its blocks
+        audio_patch = PatchEmbed(in_chans=1, dim=dim, patch_size=patch_size)
+        audio = _ViTStream(**common)
+        video_patch = PatchEmbed(in_chans=3, dim=dim, patch_size=patch_size)
+        video = _ViTStream(**common)
+        p = patch_size
+        self.audio_embed = InputEmbed(frontend=audio_frontend, patch=audio_patch, grid=audio_grid, dim=dim,
+                                      input_shape=(1, audio_grid[0] * p, audio_grid[1] * p), pos="learned",
+                                      time_axis=1, trim=p)  # positions for the patches only; CLS needs none
+        self.audio = audio
+        self.video_embed = InputEmbed(frontend=video_frontend, patch=video_patch, grid=video_grid, dim=dim,
+                                      input_shape=(num_frames, 3, video_grid[1] * p, video_grid[2] * p),
+                                      pos="learned", time_axis=0)
+        self.video = video
         self.bottleneck = nn.Parameter(torch.zeros(1, num_bottleneck, dim)) if num_bottleneck else None
         self.norm = nn.LayerNorm(dim, eps=1e-6)  # scenic's encoder_norm: one LayerNorm over both streams' tokens
         self.init_vit_weights()
-        for p in (self.audio.pos_embed, self.video.pos_embed, self.audio.cls_token, self.video.cls_token,
+        for p in (self.audio_embed.pos, self.video_embed.pos, self.audio.cls_token, self.video.cls_token,
                   self.bottleneck):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
 
-    # -- inputs: AVBackbone's patch-grid embeddings on each stream's patch_embed / grid, + CLS and positions -----
-    audio_embed = property(lambda self: self.audio.patch_embed)
-    video_embed = property(lambda self: self.video.patch_embed)
-    audio_grid = property(lambda self: self.audio.grid)
-    video_grid = property(lambda self: self.video.grid)
-
-    def add_positions(self, modality: str, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        return getattr(self, modality).tokens(tokens, grid)
-
-    def position_tables(self) -> dict[str, tuple[tuple[int, ...], int]]:
-        return {"audio.pos_embed": (self.audio.grid, 1), "video.pos_embed": (self.video.grid, 0)}
-
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
                 has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         batch = self.batch_size(audio, video)
-        a = self.embed_audio(audio, has_audio, batch)
-        v = self.embed_video(video, has_video, batch)
+        a = self.audio.with_cls(self.audio_embed(audio, has_audio, batch))
+        v = self.video.with_cls(self.video_embed(video, has_video, batch))
         z = None
         for i, (block_a, block_v) in enumerate(zip(self.audio.blocks, self.video.blocks)):
             if i < self.fusion_layer:
@@ -157,7 +154,7 @@ class MBT(AVBackbone):
         return {"audio": self.norm(a[:, 0]), "video": self.norm(v[:, 0])}
 
     def no_weight_decay(self) -> set[str]:
-        return {"audio.pos_embed", "video.pos_embed", "audio.cls_token", "video.cls_token", "bottleneck"}
+        return {"audio_embed.pos", "video_embed.pos", "audio.cls_token", "video.cls_token", "bottleneck"}
 
     # -- ImageNet initialisation (MBT: ViT-B from ImageNet-21k) -------------------------------------------
     def load_pretrained(self, path: str | Path) -> LoadReport:
@@ -166,13 +163,14 @@ class MBT(AVBackbone):
         it to 3 channels) with its rows on time; the 14 x 14 position grid resized bilinearly (corners aligned) to
         the (time x mel) grid, and to each frame's grid repeated over the frames."""
         state = dict(load_state(path))
-        state, resized = vit_as_scenic_mbt(state, audio_grid=self.audio.grid, video_grid=self.video.grid)
+        state, resized = vit_as_scenic_mbt(state, audio_grid=self.audio_embed.grid, video_grid=self.video_embed.grid)
         shared = vit_into_streams(("audio", "video"))  # what both streams take as it is
 
         def rename(key: str):
             return key if key.startswith(("audio.", "video.", "norm.")) else shared(key)
 
         report = load_into(self, state, rename=rename)
+        resized = [(input_module_key(key), *rest) for key, *rest in resized]
         report.resized += [r for r in resized if r[0] in report.loaded]
         return report
 

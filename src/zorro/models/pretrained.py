@@ -16,6 +16,11 @@ pretrained=True)` once, then `torch.save(model.state_dict(), path)`, or an offic
   `resize_bias_table`, the one place); Zorro-Swin's streams (`swin_into_streams`: a timm 2D Swin into the
   audio stream and, inflated as Video Swin does, the video stream) crop them for windows clamped to a grid.
 
+Converters name a backbone's input modules (embedding.InputEmbed) in their source's layout (timm names under the
+modality's prefix, `audio.patch_embed.*`; CAV-MAE's official `patch_embed_a.*`); `load_into` reads every model key
+through `embedding.input_module_key`, the one table of those names, which also serves the suite's older checkpoints
+(`upgrade_state_dict`).
+
 Everything else that does not match is reported, never silently dropped: the report lists loaded, resized,
 missing (left at their initialisation) and unexpected (not used) keys, each unused key with the reason. A model
 tensor that two checkpoint keys would write is an error (no last-write-wins).
@@ -33,6 +38,7 @@ import torch
 from timm.layers import resize_rel_pos_bias_table_simple
 from torch import nn
 
+from .embedding import input_module_key
 from .layers import resample_pos_embed
 
 Rename = Callable[[str], "str | Iterable[str] | Unused | None"]
@@ -97,7 +103,8 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
               channels_to_one: Sequence[str] = (), pos_grids: Mapping[str, Sequence[int]] | None = None) -> LoadReport:
     """Copy `state` into `module` (in place) and say what happened.
 
-    rename: checkpoint key -> model key(s) or None to skip (one source may feed several streams).
+    rename: checkpoint key -> model key(s) or None to skip (one source may feed several streams); input modules'
+        keys may be given in any layout `embedding.input_module_key` knows.
     channels_to_one: model keys of 1-channel patch kernels that take a summed RGB kernel.
     pos_grids: model key of a flattened position embedding -> its grid ((h, w) or (t, h, w)); the
         checkpoint's grid is the largest square its entries hold; the entries in front of it (class / register
@@ -109,7 +116,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
     updates: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}  # model key -> the checkpoint key that wrote it
     for src_key, value in state.items():
-        dst = rename(src_key) if rename else src_key
+        dst = to_model_keys(rename(src_key) if rename else src_key)
         if isinstance(dst, Unused):
             report.unused(src_key, dst.reason)
             continue
@@ -140,6 +147,67 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, rename: R
     module.load_state_dict(updates, strict=False)
     report.missing = [k for k in target if k not in seen and not _is_buffer_only(module, k)]
     return report
+
+
+def to_model_keys(dst):
+    """A rename's answer with every key in the model's names (input modules: `embedding.input_module_key`)."""
+    if isinstance(dst, str):
+        return input_module_key(dst)
+    if dst is None or isinstance(dst, Unused):
+        return dst
+    return [input_module_key(k) for k in dst]
+
+
+def upgrade_state_dict(state: Mapping[str, torch.Tensor], model_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """A state dict of this suite written by an earlier layout -> the current one, for a strict load into a model
+    whose state-dict keys are `model_keys` (a backbone's, or a task's with its `backbone.` prefix):
+
+    - input modules' tensors under their earlier names (`audio_pos`, `audio_embed.proj.*`, `audio_fourier.*`,
+      MBT's / Swin's `audio.patch_embed.*`, CAV-MAE's `patch_embed_a.*`, ...) take InputEmbed's names
+      (`embedding.input_module_key`);
+    - the fusion copy of every per-group layer that two_streams with separate weights carried before separate
+      weights were built only for the routing's groups, which no step used, is left out.
+
+    Keys the model has pass unchanged; the order of the others is kept. Pure: `state` is not modified."""
+    expected = set(model_keys)
+    out = {}
+    for key, value in state.items():
+        new = key if key in expected else input_module_key(key)
+        if ".parts.fusion." in new and new not in expected:
+            continue
+        if new in out:
+            raise ValueError(f"state-dict keys {key!r} and another both upgrade to {new!r}")
+        out[new] = value
+    return out
+
+
+def reorder_optimizer_state(state: Mapping, old_groups: Sequence[Sequence[str]],
+                            new_groups: Sequence[Sequence[str]]) -> dict:
+    """An optimizer's state_dict saved while its param groups listed the parameters `old_groups` (names, in the
+    saved order) -> the same state for param groups listing `new_groups` (the same groups, names in the current
+    order): every parameter's state (e.g. Adam's moments) follows its name. The input modules' tensors moved in the
+    parameter order with their names (the root module's parameters come first), so a checkpoint's optimizer state
+    is read through this with `old_groups` = each group's names in the checkpoint's state-dict order (upgraded).
+    A name in `old_groups` that is in no new group loses its state. Pure: `state` is not modified."""
+    if len(old_groups) != len(new_groups) or len(state["param_groups"]) != len(old_groups):
+        raise ValueError(f"{len(state['param_groups'])} saved param groups, {len(old_groups)} old and "
+                         f"{len(new_groups)} new name lists: they must correspond one to one")
+    by_name, index = {}, 0
+    for names, group in zip(old_groups, state["param_groups"]):
+        if len(names) != len(group["params"]):
+            raise ValueError(f"a saved param group has {len(group['params'])} parameters, its names {len(names)}")
+        for name, i in zip(names, group["params"]):
+            by_name[name] = i
+    out = {"state": {}, "param_groups": []}
+    for names, group in zip(new_groups, state["param_groups"]):
+        params = []
+        for name in names:
+            if name in by_name and by_name[name] in state["state"]:
+                out["state"][index] = state["state"][by_name[name]]
+            params.append(index)
+            index += 1
+        out["param_groups"].append({**group, "params": params})
+    return out
 
 
 def _adapt(key, value, want, channels_to_one, grid, time_table=None):
@@ -204,27 +272,15 @@ def _summarise(keys: list[str], limit: int = 12) -> list[str]:
 
 
 # -- timm ViT / MAE -> the ViT backbones (key renames for load_into) -------------------------------------------
-def drop_unbuilt_group_copies(state: dict, expected: Iterable[str]) -> list[str]:
-    """Checkpoints written before separate weights were built only for the routing's groups carry a fusion copy of
-    every per-group layer for two_streams, which no step used: remove those keys from `state` (in place) so the
-    checkpoint loads strictly; returns them."""
-    expected = set(expected)
-    dropped = [k for k in state if ".parts.fusion." in k and k not in expected]
-    for key in dropped:
-        del state[key]
-    return dropped
-
-
 def vit_into_zorro_vit(*, groups: Sequence[str] | None) -> Rename:
-    """timm ViT keys -> Zorro-ViT's: the patch embedding and positions into both modalities, each block into the
-    shared weights (groups None) or, with separate weights, into every group's copy (e.g. audio, fusion, video)."""
+    """timm ViT keys -> Zorro-ViT's: the patch embedding and positions into both modalities (timm's names under the
+    modality's prefix, which load_into reads as the input modules'), each block into the shared weights (groups
+    None) or, with separate weights, into every group's copy (e.g. audio, fusion, video)."""
     parts = [f"parts.{g}" for g in groups] if groups else ["shared"]
 
     def rename(key: str):
-        if key.startswith("patch_embed."):
-            return [key.replace("patch_embed", f"{m}_embed", 1) for m in ("audio", "video")]
-        if key == "pos_embed":
-            return ["audio_pos", "video_pos"]
+        if key.startswith("patch_embed.") or key == "pos_embed":
+            return [f"{m}.{key}" for m in ("audio", "video")]
         m = re.fullmatch(r"(blocks\.\d+\.(?:norm1|norm2|attn\.qkv|attn\.proj|mlp)|norm)\.(.+)", key)
         return [f"{m[1]}.{p}.{m[2]}" for p in parts] if m else None
 
@@ -232,8 +288,9 @@ def vit_into_zorro_vit(*, groups: Sequence[str] | None) -> Rename:
 
 
 def vit_into_streams(streams: Sequence[str]) -> Rename:
-    """timm ViT keys -> one copy per stream (MBT's `audio.` / `video.` ViTs, timm's names inside); the classifier
-    parts (head, fc_norm) have no counterpart."""
+    """timm ViT keys -> one copy per stream (MBT's `audio.` / `video.` ViTs, timm's names inside; the patch
+    embedding and positions are the input modules', see load_into); the classifier parts (head, fc_norm) have no
+    counterpart."""
 
     def rename(key: str):
         if key.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")):
@@ -317,7 +374,7 @@ def swin_into_streams(model: nn.Module, state: Mapping[str, torch.Tensor],
             mapped[key] = value
             continue
         for stream in streams:
-            dst = f"{stream}.{key}"
+            dst = input_module_key(f"{stream}.{key}")
             if dst in target:
                 mapped[dst] = _fit_swin(dst, value, model.get_submodule(dst.rsplit(".", 1)[0]), target[dst])
     return mapped
@@ -334,7 +391,7 @@ def _fit_swin(key: str, value: torch.Tensor, module: nn.Module, want: torch.Tens
         if len(window) == 3:  # inflate: the same spatial bias for every time offset
             table = table.repeat(2 * window[0] - 1, 1)
         return table
-    if key == "video.patch_embed.proj.weight" and value.ndim == 4 and want.ndim == 5:
+    if key == "video_embed.patch.proj.weight" and value.ndim == 4 and want.ndim == 5:
         frames = want.shape[2]
         return value.unsqueeze(2).expand(-1, -1, frames, -1, -1) / frames
     return value

@@ -44,6 +44,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .base import AVBackbone
+from .embedding import InputEmbed
 from .frontends import AudioFrontend, VideoFrontend
 from .layers import CrossAttention, OutputDecoder, PatchGrid, concat_groups
 from .routing import GROUPS, Routing, TokenLayout
@@ -79,17 +80,6 @@ class ConvStem(PatchGrid, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.grid(*x.shape[-2:])
         return self.norm(self.proj(self.hidden(x)).flatten(2).transpose(1, 2))
-
-
-def fourier_features(grid: Sequence[int], max_freqs: Sequence[float], num_bands: int,
-                     device: torch.device | None = None) -> torch.Tensor:
-    """Perceiver's Fourier position features: per axis, the position in [-1, 1] and sin/cos(pi f pos) for
-    num_bands frequencies f from 1 to the configured axis' Nyquist frequency. prod(grid) x A(2 num_bands + 1)."""
-    axes = [torch.linspace(-1.0, 1.0, n, device=device) for n in grid]
-    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))  # N x A
-    freqs = torch.stack([torch.linspace(1.0, max(m / 2, 1.0), num_bands, device=device) for m in max_freqs])
-    angles = math.pi * pos[..., None] * freqs  # N x A x bands
-    return torch.cat([pos, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
 
 
 def init_hip_weights(m: nn.Module) -> None:
@@ -258,28 +248,31 @@ class ZorroHiP(AVBackbone):
 
         spectrogram = dict(window=window, win_ms=win_ms, hop_ms=hop_ms, freq_mask=freq_mask, time_mask=time_mask,
                            num_masks=num_masks, freq_jitter=freq_jitter)  # the model config's (conf/model/*.yaml)
-        self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
-                                            clip_seconds=audio_seconds, **spectrogram)
-        self.video_frontend = VideoFrontend()
-        self.audio_embed = ConvStem(in_chans=1, dim=embed_dim, hidden_dim=stem_dim, strides=tuple(audio_strides))
-        self.video_embed = ConvStem(in_chans=3, dim=embed_dim, hidden_dim=stem_dim, strides=tuple(video_strides))
-        audio_frames = self.audio_frontend.num_frames(round(audio_seconds * sample_rate))
-        audio_frames -= audio_frames % self.audio_embed.patch_size
-        self.audio_grid = self.audio_embed.grid(n_mels, audio_frames)
-        self.video_grid = (num_frames, *self.video_embed.grid(image_size, image_size))
-        self.fourier_bands = fourier_bands
-        self.audio_fourier = nn.Linear(2 * (2 * fourier_bands + 1), embed_dim, bias=False)
-        self.video_fourier = nn.Linear(3 * (2 * fourier_bands + 1), embed_dim, bias=False)
-        self.audio_pos = nn.Parameter(torch.zeros(1, math.prod(self.audio_grid), embed_dim))
-        self.video_pos = nn.Parameter(torch.zeros(1, math.prod(self.video_grid), embed_dim))
+        audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
+                                       clip_seconds=audio_seconds, **spectrogram)
+        audio_stem = ConvStem(in_chans=1, dim=embed_dim, hidden_dim=stem_dim, strides=tuple(audio_strides))
+        video_stem = ConvStem(in_chans=3, dim=embed_dim, hidden_dim=stem_dim, strides=tuple(video_strides))
+        audio_frames = audio_frontend.num_frames(round(audio_seconds * sample_rate))
+        audio_frames -= audio_frames % audio_stem.patch_size
+        audio_grid = audio_stem.grid(n_mels, audio_frames)
+        video_grid = (num_frames, *video_stem.grid(image_size, image_size))
+        audio_fourier = nn.Linear(2 * (2 * fourier_bands + 1), embed_dim, bias=False)
+        video_fourier = nn.Linear(3 * (2 * fourier_bands + 1), embed_dim, bias=False)
+        pa = audio_stem.patch_size
+        self.audio_embed = InputEmbed(frontend=audio_frontend, patch=audio_stem, grid=audio_grid, dim=embed_dim,
+                                      input_shape=(1, audio_grid[0] * pa, audio_grid[1] * pa), pos="learned",
+                                      time_axis=1, fourier=audio_fourier, fourier_bands=fourier_bands, trim=pa)
+        self.video_embed = InputEmbed(frontend=VideoFrontend(), patch=video_stem, grid=video_grid, dim=embed_dim,
+                                      input_shape=(num_frames, 3, image_size, image_size), pos="learned",
+                                      time_axis=0, fourier=video_fourier, fourier_bands=fourier_bands)
         # The fusion stream's stand-in for block 0's output (it skips block 0); at least as many as block 1's groups.
         self.fusion_latents = nn.Parameter(torch.zeros(1, num_fusion, dims[0])) if self.routing.has_fusion else None
 
         act = ACTIVATIONS[activation]
         middle = len(dims) // 2
+        self.skips = [len(dims) - 1 - i if i > middle else None for i in range(n)]  # U-Net: decoder i <- n-1-i
         blocks = []
-        for i in range(n):
-            skip = len(dims) - 1 - i if i > middle else None  # U-Net: decoder block i <- encoder block n-1-i
+        for i, skip in enumerate(self.skips):
             if skip is not None and num_groups[skip] * num_latents[skip] != num_groups[i] * num_latents[i]:
                 raise ValueError(f"U-Net skip {skip} -> {i} needs equal latent counts (groups x latents)")
             blocks.append(HiPBlock(in_dim=embed_dim if i == 0 else dims[i - 1], dim=dims[i], num_groups=num_groups[i],
@@ -288,19 +281,12 @@ class ZorroHiP(AVBackbone):
                                    qkv_bias=qkv_bias, drop_path=drop_path_rate, act_layer=act,
                                    skip_dim=None if skip is None else dims[skip]))
         self.blocks = nn.ModuleList(blocks)
-        self.skips = [len(dims) - 1 - i if i > middle else None for i in range(n)]
         self.decoder = OutputDecoder(dim=self.output_dim, num_heads=num_heads[n - 1], mlp_ratio=mlp_ratio,
                                      names=self.output_names)
         self.apply(init_hip_weights)
-        for p in (self.audio_pos, self.video_pos, self.fusion_latents, *(b.latents for b in self.blocks)):
+        for p in (self.audio_embed.pos, self.video_embed.pos, self.fusion_latents, *(b.latents for b in self.blocks)):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
-
-    # -- inputs: AVBackbone's patch-grid embeddings, with Fourier features and learned positions ------------
-    def add_positions(self, modality: str, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        configured, fourier = getattr(self, f"{modality}_grid"), getattr(self, f"{modality}_fourier")
-        features = fourier_features(grid, configured, self.fourier_bands, device=tokens.device).to(tokens.dtype)
-        return super().add_positions(modality, tokens + fourier(features), grid)
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
@@ -312,7 +298,7 @@ class ZorroHiP(AVBackbone):
         Returns {output name: B x output_dim}.
         """
         batch = self.batch_size(audio, video)
-        x = {"audio": self.embed_audio(audio, has_audio, batch), "video": self.embed_video(video, has_video, batch)}
+        x = {"audio": self.audio_embed(audio, has_audio, batch), "video": self.video_embed(video, has_video, batch)}
         hidden = []
         for i, (block, skip) in enumerate(zip(self.blocks, self.skips)):
             skip_x = None if skip is None else {s: t for s, t in hidden[skip].items() if skip or s != "fusion"}
@@ -323,7 +309,8 @@ class ZorroHiP(AVBackbone):
         return self.decoder(*concat_groups(x))
 
     def no_weight_decay(self) -> set[str]:
-        names = {"audio_pos", "video_pos", "decoder.queries", *(f"blocks.{i}.latents" for i in range(len(self.blocks)))}
+        names = {"audio_embed.pos", "video_embed.pos", "decoder.queries",
+                 *(f"blocks.{i}.latents" for i in range(len(self.blocks)))}
         return names | ({"fusion_latents"} if self.fusion_latents is not None else set())
 
 

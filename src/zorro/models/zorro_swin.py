@@ -30,7 +30,8 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, win
 from torch import nn
 
 from .base import AVBackbone
-from .frontends import AudioFrontend, VideoFrontend, frames_or_zeros, spectrogram_or_zeros
+from .embedding import InputEmbed
+from .frontends import AudioFrontend, VideoFrontend
 from .layers import Block, CrossAttention, OutputDecoder, concat_groups, maybe_checkpoint
 from .pretrained import LoadReport, load_into, load_state, swin_into_streams
 from .routing import Routing, TokenLayout
@@ -44,8 +45,13 @@ class SwinBlock2d(SwinTransformerBlock):
 
     timm pads after the shift, so when the grid is not a multiple of the window, tokens that wrapped around
     the edge attend to the far side of the spectrogram (huggingface/pytorch-image-models#2438). Padding first
-    makes timm's own shift mask (built for the padded grid) exact. Everything else is timm's.
+    makes timm's own shift mask (built for the padded grid) exact. Attention runs as F.scaled_dot_product_attention
+    (timm's `fused_attn`), as everywhere else here. Everything else is timm's.
     """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.attn.fused_attn = True
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -82,11 +88,10 @@ class Stage(nn.Module):
 
 
 class SwinStream(nn.Module):
-    """One modality's Swin without a head: patch_embed, layers (stages), norm; channels-last grids."""
+    """One modality's Swin after its input module, without a head: layers (stages), norm; channels-last grids."""
 
-    def __init__(self, *, patch_embed: nn.Module, stages: Sequence[Stage], dim: int):
+    def __init__(self, *, stages: Sequence[Stage], dim: int):
         super().__init__()
-        self.patch_embed = patch_embed
         self.layers = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(dim)
 
@@ -158,19 +163,18 @@ class ZorroSwin(AVBackbone):
 
         spectrogram = dict(window=window, win_ms=win_ms, hop_ms=hop_ms, freq_mask=freq_mask, time_mask=time_mask,
                            num_masks=num_masks, freq_jitter=freq_jitter)  # the model config's (conf/model/*.yaml)
-        self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
-                                            clip_seconds=audio_seconds, **spectrogram)
-        self.video_frontend = VideoFrontend()
-        self.audio_shape = (n_mels, self.audio_frontend.num_frames(round(audio_seconds * sample_rate)))
-        self.video_shape = (num_frames, 3, image_size, image_size)
+        audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
+                                       clip_seconds=audio_seconds, **spectrogram)
+        audio_shape = (n_mels, audio_frontend.num_frames(round(audio_seconds * sample_rate)))
 
         n = sum(depths)
         dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # stochastic depth rises linearly
         stage_dpr = [dpr[sum(depths[:i]):sum(depths[: i + 1])] for i in range(len(depths))]
         common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate)
 
-        # Audio: timm's 2D Swin on the spectrogram (mel bins x frames), 1 input channel.
-        grid = [math.ceil(n / patch_size) for n in self.audio_shape]
+        # Audio: timm's 2D Swin on the spectrogram (mel bins x frames), 1 input channel. Each stream's stages are
+        # built before its patch embedding, the order in which a seed draws their weights.
+        grid = audio_grid = [math.ceil(n / patch_size) for n in audio_shape]
         audio_stages = []
         for i, (dim, depth, heads) in enumerate(zip(dims, depths, num_heads)):
             if i:
@@ -180,16 +184,15 @@ class ZorroSwin(AVBackbone):
                 blocks=[SwinBlock2d(dim=dim, input_resolution=tuple(grid), num_heads=heads, window_size=window_size,
                                     shift_size=0 if j % 2 == 0 else window_size // 2, drop_path=stage_dpr[i][j],
                                     **common) for j in range(depth)]))
-        self.audio = SwinStream(patch_embed=PatchEmbed(
-            img_size=self.audio_shape, patch_size=patch_size, in_chans=1, embed_dim=embed_dim,
-            norm_layer=nn.LayerNorm, output_fmt="NHWC", strict_img_size=False, dynamic_img_pad=True),
-            stages=audio_stages, dim=dims[-1])
-        for block in self.modules():
-            if isinstance(block, SwinBlock2d):
-                block.attn.fused_attn = True  # F.scaled_dot_product_attention, as everywhere else here
+        audio_patch = PatchEmbed(img_size=audio_shape, patch_size=patch_size, in_chans=1, embed_dim=embed_dim,
+                                 norm_layer=nn.LayerNorm, output_fmt="NHWC", strict_img_size=False,
+                                 dynamic_img_pad=True)  # grids padded to whole patches
+        self.audio_embed = InputEmbed(frontend=audio_frontend, patch=audio_patch, grid=audio_grid, dim=embed_dim,
+                                      input_shape=(1, *audio_shape), flatten=False)
+        self.audio = SwinStream(stages=audio_stages, dim=dims[-1])
 
         # Video: 3D Swin (Video Swin), windows shifted by half a window every other block.
-        grid = [math.ceil(n / p) for n, p in zip((num_frames, image_size, image_size), video_patch_size)]
+        grid = video_grid = [math.ceil(n / p) for n, p in zip((num_frames, image_size, image_size), video_patch_size)]
         video_stages = []
         for i, (dim, depth, heads) in enumerate(zip(dims, depths, num_heads)):
             if i:
@@ -199,8 +202,10 @@ class ZorroSwin(AVBackbone):
                 blocks=[SwinBlock3d(dim=dim, num_heads=heads, window_size=video_window_size, shift=j % 2 == 1,
                                     input_resolution=grid, drop_path=stage_dpr[i][j], **common)
                         for j in range(depth)]))
-        self.video = SwinStream(patch_embed=PatchEmbed3d(in_chans=3, dim=embed_dim, patch_size=video_patch_size),
-                                stages=video_stages, dim=dims[-1])
+        video_patch = PatchEmbed3d(in_chans=3, dim=embed_dim, patch_size=video_patch_size)
+        self.video_embed = InputEmbed(frontend=VideoFrontend(), patch=video_patch, grid=video_grid, dim=embed_dim,
+                                      input_shape=(num_frames, 3, image_size, image_size), flatten=False)
+        self.video = SwinStream(stages=video_stages, dim=dims[-1])
 
         # Fusion stream: latents of the stage width, updated after every stage; two_streams has none.
         self.num_fusion = num_fusion if self.routing.has_fusion else 0
@@ -222,17 +227,6 @@ class ZorroSwin(AVBackbone):
         if self.fusion_latents is not None:
             nn.init.trunc_normal_(self.fusion_latents, std=0.02)
 
-    # -- inputs ------------------------------------------------------------------------------------------------
-    def audio_input(self, audio: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        # a missing modality is a zero input, as in the paper
-        return spectrogram_or_zeros(self.audio_frontend, audio, present, batch=batch, like=self.decoder.queries,
-                                    shape=(1, *self.audio_shape))
-
-    def video_input(self, video: torch.Tensor | None, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        frames = frames_or_zeros(self.video_frontend, video, present, batch=batch, like=self.decoder.queries,
-                                 shape=self.video_shape)
-        return frames.transpose(1, 2)  # B x 3 x T x H x W for the 3D convolution
-
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
                 has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -242,8 +236,8 @@ class ZorroSwin(AVBackbone):
         input, as in the paper. Returns {output name: B x output_dim}.
         """
         batch = self.batch_size(audio, video)
-        a = self.audio.patch_embed(self.audio_input(audio, has_audio, batch))  # B x H x W x C
-        v = self.video.patch_embed(self.video_input(video, has_video, batch))  # B x T x H x W x C
+        a = self.audio_embed(audio, has_audio, batch)  # B x H x W x C
+        v = self.video_embed(video, has_video, batch)  # B x T x H x W x C
         f = self.fusion_latents.expand(batch, -1, -1) if self.num_fusion else None
         ckpt = self.grad_checkpointing and self.training
         for i, (audio_stage, video_stage) in enumerate(zip(self.audio.layers, self.video.layers)):
@@ -274,7 +268,7 @@ class ZorroSwin(AVBackbone):
         """
         streams = ("audio", "video") if video else ("audio",)
         return load_into(self, swin_into_streams(self, load_state(path), streams),
-                         channels_to_one=("audio.patch_embed.proj.weight",))
+                         channels_to_one=("audio_embed.patch.proj.weight",))
 
 
 # -- named variants (timm-style factories): each builds the model its conf/model/ YAML builds, whose comments give the

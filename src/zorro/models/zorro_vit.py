@@ -9,7 +9,6 @@ video frames -> normalise -> 16x16 patches per frame -> + positions┘
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from .base import AVBackbone
+from .embedding import InputEmbed
 from .frontends import AudioFrontend, VideoFrontend
 from .layers import Block, Groupwise, OutputDecoder, PatchEmbed, concat_groups, split_groups
 from .pretrained import LoadReport, load_into, load_state, vit_into_zorro_vit
@@ -79,17 +79,20 @@ class ZorroViT(AVBackbone):
 
         spectrogram = dict(window=window, win_ms=win_ms, hop_ms=hop_ms, freq_mask=freq_mask, time_mask=time_mask,
                            num_masks=num_masks, freq_jitter=freq_jitter)  # the model config's (conf/model/*.yaml)
-        self.audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
-                                            clip_seconds=audio_seconds, **spectrogram)
-        self.video_frontend = VideoFrontend()
-        self.audio_embed = PatchEmbed(in_chans=1, dim=dim, patch_size=patch_size)
-        self.video_embed = PatchEmbed(in_chans=3, dim=dim, patch_size=patch_size)
-        audio_frames = self.audio_frontend.num_frames(round(audio_seconds * sample_rate))
+        audio_frontend = AudioFrontend(sample_rate=sample_rate, n_mels=n_mels, spec_augment=spec_augment,
+                                       clip_seconds=audio_seconds, **spectrogram)
+        audio_patch = PatchEmbed(in_chans=1, dim=dim, patch_size=patch_size)
+        video_patch = PatchEmbed(in_chans=3, dim=dim, patch_size=patch_size)
+        audio_frames = audio_frontend.num_frames(round(audio_seconds * sample_rate))
         audio_frames -= audio_frames % patch_size
-        self.audio_grid = self.audio_embed.grid(n_mels, audio_frames)
-        self.video_grid = (num_frames, *self.video_embed.grid(image_size, image_size))
-        self.audio_pos = nn.Parameter(torch.zeros(1, math.prod(self.audio_grid), dim))
-        self.video_pos = nn.Parameter(torch.zeros(1, math.prod(self.video_grid), dim))
+        audio_grid = audio_patch.grid(n_mels, audio_frames)
+        video_grid = (num_frames, *video_patch.grid(image_size, image_size))
+        p = patch_size
+        self.audio_embed = InputEmbed(frontend=audio_frontend, patch=audio_patch, grid=audio_grid, dim=dim,
+                                      input_shape=(1, audio_grid[0] * p, audio_grid[1] * p), pos="learned",
+                                      time_axis=1, trim=p)
+        self.video_embed = InputEmbed(frontend=VideoFrontend(), patch=video_patch, grid=video_grid, dim=dim,
+                                      input_shape=(num_frames, 3, image_size, image_size), pos="learned", time_axis=0)
         self.fusion_latents = nn.Parameter(torch.zeros(1, self.num_fusion, dim)) if self.num_fusion else None
 
         groups = tuple(g for g in GROUPS if g in self.routing.reads)  # two_streams: no fusion group, so no fusion copy of separate weights
@@ -102,11 +105,11 @@ class ZorroViT(AVBackbone):
         self.norm = Groupwise(lambda: nn.LayerNorm(dim), separate=separate_weights, groups=groups)
         self.decoder = OutputDecoder(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, names=self.output_names)
         self.init_vit_weights()
-        for p in (self.audio_pos, self.video_pos, self.fusion_latents):
+        for p in (self.audio_embed.pos, self.video_embed.pos, self.fusion_latents):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
 
-    # -- forward (embed_audio / embed_video: AVBackbone's patch-grid embeddings) --------------------------------
+    # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None, *,
                 has_audio: torch.Tensor | None = None, has_video: torch.Tensor | None = None,
                 drop_absent: bool | None = None) -> dict[str, torch.Tensor]:
@@ -121,9 +124,9 @@ class ZorroViT(AVBackbone):
         drop = self.missing_modality == "drop" if drop_absent is None else drop_absent
         tokens: dict[str, torch.Tensor] = {}
         if audio is not None or not drop:
-            tokens["audio"] = self.embed_audio(audio, has_audio, batch)
+            tokens["audio"] = self.audio_embed(audio, has_audio, batch)
         if video is not None or not drop:
-            tokens["video"] = self.embed_video(video, has_video, batch)
+            tokens["video"] = self.video_embed(video, has_video, batch)
         fusion = self.fusion_latents.expand(batch, -1, -1) if self.fusion_latents is not None else None
         if fusion is not None and self.fusion_level == 0:
             tokens["fusion"] = fusion
@@ -136,7 +139,8 @@ class ZorroViT(AVBackbone):
         return self.decoder(self.norm(x, layout), layout)
 
     def no_weight_decay(self) -> set[str]:
-        return {"audio_pos", "video_pos", "decoder.queries", *(["fusion_latents"] if self.num_fusion else [])}
+        return {"audio_embed.pos", "video_embed.pos", "decoder.queries",
+                *(["fusion_latents"] if self.num_fusion else [])}
 
     def load_pretrained(self, path: str | Path) -> LoadReport:
         """timm ViT weights (local file, e.g. ImageNet-21k ViT-B/16) into the shared transformer.
@@ -147,8 +151,8 @@ class ZorroViT(AVBackbone):
         decoder have no ImageNet counterpart and keep their initialisation (listed as missing).
         """
         return load_into(self, load_state(path), rename=vit_into_zorro_vit(groups=self.blocks[0].norm1.groups),
-                         channels_to_one=("audio_embed.proj.weight",),
-                         pos_grids={"audio_pos": self.audio_grid, "video_pos": self.video_grid})
+                         channels_to_one=("audio_embed.patch.proj.weight",),
+                         pos_grids={"audio_embed.pos": self.audio_embed.grid, "video_embed.pos": self.video_embed.grid})
 
 
 # -- named variants (timm-style factories): each builds the model its conf/model/ YAML builds, whose comments give the

@@ -68,6 +68,11 @@ class BaseTask(pl.LightningModule):
         state_dict = upgrade_checkpoint({"state_dict": state_dict}, model_keys=self.state_dict().keys())["state_dict"]
         return super().load_state_dict(state_dict, strict=strict, **kwargs)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Lightning's restore (resume, evaluate, predict) reads the checkpoint after this: a checkpoint of an earlier
+        layout is brought to the current one here, its optimizer state too (upgrade_checkpoint)."""
+        checkpoint.update(upgrade_checkpoint(checkpoint, self.state_dict().keys(), self.param_group_names()))
+
     def forward(self, batch: dict, inputs: str = "audio_video", zero_input: str = "normalised") -> dict[str, torch.Tensor]:
         return self.backbone(**model_inputs(batch, inputs, zero_input))
 
@@ -127,6 +132,14 @@ class BaseTask(pl.LightningModule):
         groups = param_groups_weight_decay(self, weight_decay, no_weight_decay_list=skip)
         return sorted(groups, key=lambda g: g["weight_decay"] == 0)
 
+    def param_group_names(self) -> list[list[str]]:
+        """The parameter names of each optimizer param group, in the order configure_optimizers builds them."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        return [[names[id(p)] for p in group["params"]] for group in self.param_groups(self._weight_decay())]
+
+    def _weight_decay(self) -> float:
+        return getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+
     def configure_optimizers(self):
         keywords = getattr(self.optimizer_factory, "keywords", {})
         extra = {}
@@ -137,7 +150,7 @@ class BaseTask(pl.LightningModule):
             batch = global_batch_size(self.trainer, per_device_batch_size(self.trainer.datamodule))
             extra["lr"] = scaled_lr(keywords["lr"], global_batch=batch, reference_batch=self.lr_reference_batch)
             log.info("lr %g = %g x global batch %d / %d", extra["lr"], keywords["lr"], batch, self.lr_reference_batch)
-        groups = self.param_groups(keywords.get("weight_decay", 0.0))
+        groups = self.param_groups(self._weight_decay())
         for group in groups:  # a group's own LR multiplier (e.g. the new heads: SupervisedTask.head_lr_scale)
             if "lr_scale" in group:
                 group["lr"] = extra.get("lr", keywords.get("lr")) * group.pop("lr_scale")
