@@ -18,7 +18,7 @@ class KeyLog(pl.Callback):
         self.path, self.pause_at_step, self.pause_s = path, pause_at_step, pause_s
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        # (a modality that no clip of the batch has arrives as None: tasks.base.mark_absent)
+        # (a modality that no clip of the batch has arrives as None: data.batch.mark_absent)
         checksum = {m: 0.0 if batch.get(m) is None else float(batch[m].float().abs().sum()) for m in ("audio", "video")}
         row = {"rank": trainer.global_rank, "epoch": trainer.current_epoch, "step": trainer.global_step,
                "keys": list(batch["key"]), **checksum}

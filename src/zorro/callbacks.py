@@ -189,19 +189,20 @@ class EvalTotals:
 
 
 class TQDMBar(EvalTotals, pl.callbacks.TQDMProgressBar):
-    """Lightning's bars on a terminal, with evaluation totals where they are known (EvalTotals)."""
+    """Lightning's bars on a terminal, with evaluation totals where they are known (EvalTotals): each evaluation
+    batch and pass is noted after Lightning's own hook."""
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         self._note_batch("val", batch_idx, dataloader_idx)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        self._note_end("val")
-
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         self._note_batch("test", batch_idx, dataloader_idx)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._note_end("val")
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_test_end(trainer, pl_module)

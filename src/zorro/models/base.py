@@ -36,12 +36,18 @@ class AVBackbone(nn.Module):
     output_dim: int
     can_drop_absent: bool = False  # forward(drop_absent=True) leaves a missing modality out of the sequence
     grad_checkpointing: bool = False
+    late_fusion: bool = False  # the fusion latents can join at a later layer (fusion_level > 0, appendix C)
 
-    def set_routing(self, masking: str, reads: Mapping[str, Sequence[str]] | None = None) -> Routing:
-        """The routing table of `masking` (routing.MASKINGS, or "custom" with `reads`), and the outputs it gives."""
+    def set_routing(self, masking: str, reads: Mapping[str, Sequence[str]] | None = None, *,
+                    fusion_level: int = 0) -> Routing:
+        """The routing table of `masking` (routing.MASKINGS, or "custom" with `reads`), and the outputs it gives.
+        fusion_level > 0 only for a backbone with `late_fusion` (the hierarchical ones fuse after every stage)."""
         if masking not in self.maskings:
             unknown = "" if masking in (*MASKINGS, "custom") else f"unknown masking {masking!r}; "
             raise ValueError(f"{unknown}{type(self).__name__} supports masking in {self.maskings}, got {masking!r}")
+        if fusion_level and not self.late_fusion:
+            raise ValueError(f"{type(self).__name__} supports fusion_level 0 only (its fusion stream reads every "
+                             f"stage), got {fusion_level}")
         self.routing = Routing.from_masking(masking, reads)
         self.output_names = output_names(self.routing)
         return self.routing

@@ -78,7 +78,7 @@ class CAVMAE(AVBackbone):
             Linear are the official `mlp_head`). The official model answers a clip without video as its
             `missingaudioonly` mode: the audio tokens alone through E_j twice, with the joint and with the audio
             LayerNorms, the two pooled outputs averaged (`missingvideoonly` likewise), so the A and V readings of
-            Table 3 are that one head on those outputs (eval/tables.own_head falls back to the average of the heads,
+            Table 3 are that one head on those outputs (protocol.own_head falls back to the average of the heads,
             here the one head).
         trainable_pos: the position tables are learned parameters, initialised to the sin-cos tables (the official
             fine-tuning model, tr_pos=True); False: fixed buffers (official pre-training, tr_pos=False).

@@ -230,9 +230,7 @@ class ZorroHiP(AVBackbone):
                  win_ms: float = 25.0, hop_ms: float = 10.0, freq_mask: int | None = None, time_mask: int | None = None,
                  num_masks: int = 2, freq_jitter: int = 4, grad_checkpointing: bool = False):
         super().__init__()
-        self.set_routing(masking)
-        if fusion_level != 0:
-            raise ValueError(f"ZorroHiP supports fusion_level 0 only, got {fusion_level}")
+        self.set_routing(masking, fusion_level=fusion_level)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         spec = [tuple(num_groups), tuple(depths), tuple(num_latents), tuple(dims), tuple(num_heads)]

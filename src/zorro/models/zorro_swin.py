@@ -151,9 +151,7 @@ class ZorroSwin(AVBackbone):
                  win_ms: float = 25.0, hop_ms: float = 10.0, freq_mask: int | None = None, time_mask: int | None = None,
                  num_masks: int = 2, freq_jitter: int = 4, grad_checkpointing: bool = False):
         super().__init__()
-        self.set_routing(masking)
-        if fusion_level != 0:
-            raise ValueError(f"ZorroSwin supports fusion_level 0 only (fusion after every stage), got {fusion_level}")
+        self.set_routing(masking, fusion_level=fusion_level)
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
         self.grad_checkpointing = grad_checkpointing

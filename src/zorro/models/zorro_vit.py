@@ -49,6 +49,7 @@ class ZorroViT(AVBackbone):
 
     maskings: tuple[str, ...] = (*MASKINGS, "custom")  # every row of routing.MASKINGS, or a table of one's own
     can_drop_absent = True
+    late_fusion = True
 
     def __init__(self, *, dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  patch_size: int = 16, num_fusion: int = 6, masking: str = "zorro", fusion_level: int = 0,
@@ -61,7 +62,7 @@ class ZorroViT(AVBackbone):
                  grad_checkpointing: bool = False,
                  masking_reads: Mapping[str, Sequence[str]] | None = None, attention_backend: str = "auto"):
         super().__init__()
-        self.set_routing(masking, masking_reads)
+        self.set_routing(masking, masking_reads, fusion_level=fusion_level)
         if not {"audio", "video"} <= set(self.routing.reads):
             raise ValueError(f"masking {masking!r}: the routing table needs audio and video rows, "
                              f"got {dict(self.routing.reads)}")
