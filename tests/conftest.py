@@ -1,6 +1,8 @@
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,25 @@ def compose_cfg(config_name: str = "train", overrides=(), output_dir=None):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
         return compose(config_name=config_name, overrides=[*overrides, *extra])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(proc: subprocess.Popen, port: int, timeout: float, why=lambda: "") -> None:
+    """Until the server `proc` started accepts connections on 127.0.0.1:port; fails (with `why()`) if it exits or
+    `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, why()
+            time.sleep(0.1)
 
 
 def run_script(*args, cwd=ROOT, timeout=600, check=True, env=None):

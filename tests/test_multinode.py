@@ -2,13 +2,12 @@
 the CPU twin of `srun` / torchrun on a cluster. Also CPU DDP with trainer=ddp's sync_batchnorm left on."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, free_port
 from .data.conftest import make_clips, write_shards
 from .keylog import read
 
@@ -20,12 +19,6 @@ def shards(tmp_path_factory):
     val = make_clips("va", 6)  # 3 with both modalities: contrastive validation needs 2 pairs for its score
     write_shards(root, {"train": [clips[0:4], clips[4:8], clips[8:12]], "val": [val]})
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.ddp

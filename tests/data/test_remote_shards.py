@@ -3,10 +3,8 @@ from http://127.0.0.1:PORT/ (streamed; with data.cache_dir each shard is fetched
 missing manifests are one-line errors. The same against moto's S3 server on 127.0.0.1 (s3://, through
 AWS_ENDPOINT_URL or data.storage_options)."""
 
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,14 +13,8 @@ from zorro.data.reading import shard_url
 from zorro.data.shards import ShardDataModule
 from zorro.run import evaluate, train
 
-from ..conftest import ROOT, compose_cfg, run_script
+from ..conftest import ROOT, compose_cfg, free_port, run_script, wait_for_port
 from .conftest import make_clips, write_shards
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +30,7 @@ def server(tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                                  "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, log.read_text()
-                time.sleep(0.1)
+        wait_for_port(proc, port, 30, log.read_text)
         yield f"http://127.0.0.1:{port}", log
     finally:
         proc.kill()
@@ -133,14 +118,7 @@ def s3_server(tmp_path_factory):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "moto's server did not start"
-                time.sleep(0.1)
+        wait_for_port(proc, port, 60, lambda: "moto's server did not start")
         import boto3
 
         s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
