@@ -50,7 +50,7 @@ def upgrade_checkpoint(ckpt: dict, model_keys: Iterable[str] | None = None,
     if model_keys is not None and "state_dict" in ckpt:
         saved = list(ckpt["state_dict"])
         ckpt["state_dict"] = state = upgrade_state_dict(ckpt["state_dict"], model_keys)
-        if param_groups is not None and ckpt.get("optimizer_states") and saved != list(state) and \
+        if param_groups is not None and ckpt.get("optimizer_states") and \
                 [k for k in saved if k in state] != list(state):  # renamed, not only copies left out
             position = {k: i for i, k in enumerate(state)}  # the saved order, in the current names
             saved_groups = [sorted(names, key=position.__getitem__) for names in param_groups]
